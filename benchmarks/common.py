@@ -1,0 +1,52 @@
+"""Shared helpers for benchmark scripts: machine description and result files with their command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def machine() -> str:
+    """One line naming the CPU, core count, torch build and thread count the numbers were measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def command() -> str:
+    """The command line that ran this benchmark."""
+    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))] + sys.argv[1:])
+
+
+def header(title: str) -> str:
+    """Markdown header recording what, where, when and how a results table was produced."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"# {title}\n\n- command: `{command()}`\n- machine: {machine()}\n- date: {stamp}\n"
+
+
+def load_json(path: Path) -> dict:
+    """Read a partial-results JSON file (empty when absent), so long benchmarks can resume."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_json(path: Path, data: dict) -> None:
+    """Write results atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

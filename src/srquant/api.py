@@ -1,0 +1,58 @@
+"""The Python API in a few calls: load a zoo model, upscale an image, evaluate on benchmarks, make LR sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from srquant.data.benchmark import BenchmarkSet
+from srquant.data.io import read_image, to_tensor, to_uint8, write_image
+from srquant.evaluate import DatasetResult, evaluate
+from srquant.models.inference import upscale
+from srquant.models.registry import create_model
+
+
+def load_model(
+    name: str,
+    scale: int,
+    assets: str | Path | None = None,
+    weights: str | Path | None = None,
+    download: bool = False,
+) -> nn.Module:
+    """A zoo model with its pretrained (or given) weights, in eval mode."""
+    return create_model(name, scale, assets=assets, weights=weights, allow_download=download)
+
+
+def upscale_image(model: nn.Module, image: np.ndarray | str | Path, tile: int | None = None) -> np.ndarray:
+    """Super-resolve an HxWx3 uint8 image (or an image file) to an (sH)x(sW)x3 uint8 image."""
+    lr = read_image(image) if isinstance(image, str | Path) else image
+    return to_uint8(upscale(model, to_tensor(lr), tile=tile))
+
+
+def upscale_file(model: nn.Module, src: str | Path, dst: str | Path, tile: int | None = None) -> None:
+    """Read an image file, super-resolve it and write the result."""
+    write_image(dst, upscale_image(model, src, tile))
+
+
+def write_lr_set(dataset: str, scale: int, out: str | Path, assets: str | Path | None = None) -> list[Path]:
+    """Write the bicubic LR images of a benchmark as `<name>x<s>.png` (the benchmarks' own file names)."""
+    bench = BenchmarkSet.from_assets(dataset, assets)
+    written = []
+    for pair in bench.iter_pairs(scale):
+        path = Path(out) / f"{pair.name}x{scale}.png"
+        write_image(path, pair.lr)
+        written.append(path)
+    return written
+
+
+__all__ = [
+    "DatasetResult",
+    "evaluate",
+    "load_model",
+    "upscale",
+    "upscale_file",
+    "upscale_image",
+    "write_lr_set",
+]

@@ -1,0 +1,112 @@
+"""Evaluate a model on benchmark sets: PSNR/SSIM on Y under a named convention, images, wall time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from srquant.data.benchmark import BenchmarkSet
+from srquant.data.io import to_tensor, to_uint8
+from srquant.errors import SrquantError
+from srquant.metrics.psnr_ssim import get_convention, psnr_y, ssim_y
+from srquant.models.inference import upscale
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """PSNR/SSIM of one test image."""
+
+    name: str
+    psnr: float
+    ssim: float
+
+
+@dataclass
+class DatasetResult:
+    """Mean scores over one benchmark set, with the convention that produced them."""
+
+    dataset: str
+    scale: int
+    convention: str
+    psnr: float
+    ssim: float
+    images: int
+    seconds: float
+    per_image: list[ImageScore] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON record of this result (per-image scores left out)."""
+        record = {k: v for k, v in asdict(self).items() if k not in ("per_image", "extras", "scale")}
+        record.update(self.extras)
+        return record
+
+
+def check_scale(model: nn.Module, scale: int) -> None:
+    """Refuse to evaluate a model at a scale it does not produce."""
+    model_scale = getattr(model, "scale", None)
+    if model_scale is not None and int(model_scale) != scale:
+        raise SrquantError(f"the model upscales x{model_scale}, but x{scale} was asked for")
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: BenchmarkSet,
+    scale: int,
+    conventions: Sequence[str] = ("basicsr",),
+    tile: int | None = None,
+    progress: bool = True,
+) -> list[DatasetResult]:
+    """Run the model once on every LR image of a set; score it under each named convention."""
+    if isinstance(conventions, str):
+        conventions = (conventions,)
+    for name in conventions:
+        get_convention(name)
+    check_scale(model, scale)
+    model.eval()
+    scores: dict[str, list[ImageScore]] = {name: [] for name in conventions}
+    start = time.perf_counter()
+    pairs = dataset.iter_pairs(scale)
+    bar = tqdm(pairs, total=len(dataset), desc=f"{dataset.name} x{scale}", disable=not progress, leave=False)
+    for pair in bar:
+        sr = to_uint8(upscale(model, to_tensor(pair.lr), tile=tile))
+        for name in conventions:
+            scores[name].append(
+                ImageScore(pair.name, psnr_y(sr, pair.hr, scale, name), ssim_y(sr, pair.hr, scale, name))
+            )
+    seconds = time.perf_counter() - start
+    return [
+        DatasetResult(
+            dataset=dataset.name,
+            scale=scale,
+            convention=name,
+            psnr=sum(s.psnr for s in per) / len(per),
+            ssim=sum(s.ssim for s in per) / len(per),
+            images=len(per),
+            seconds=seconds,
+            per_image=per,
+        )
+        for name, per in scores.items()
+    ]
+
+
+def evaluate(
+    model: nn.Module,
+    datasets: Sequence[str],
+    scale: int,
+    conventions: Sequence[str] = ("basicsr",),
+    assets: str | Path | None = None,
+    tile: int | None = None,
+    progress: bool = True,
+) -> list[DatasetResult]:
+    """Evaluate on several benchmark sets by name; every set is located before any inference starts."""
+    sets = [BenchmarkSet.from_assets(name, assets) for name in datasets]
+    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress)]

@@ -1,0 +1,1 @@
+"""SR architectures written for srquant, and the registry of their pretrained checkpoints."""
