@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+from srquant.runtime import tune_allocator
+
+tune_allocator()  # benchmarks measure the same process settings the CLI uses
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 

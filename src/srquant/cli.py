@@ -14,6 +14,7 @@ from srquant.assets import asset_dir
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
 from srquant.models.registry import REGISTRY, checkpoint_path
+from srquant.runtime import tune_allocator
 
 
 def _positive_int(text: str) -> int:
@@ -151,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `srquant` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="note: %(message)s")
+    tune_allocator()
     try:
         return COMMANDS[args.command](args)
     except SrquantError as err:

@@ -19,6 +19,7 @@ from torch import nn
 from srquant.assets import asset_dir, download, user_cache_dir, verify_sha256
 from srquant.errors import SrquantError
 from srquant.models import carn, edsr, eswt, imdn, lmlt, pan, rdn, srresnet, swinir
+from srquant.models.layout import QuantLayout
 
 Reference = Mapping[str, tuple[float, float]]
 
@@ -47,6 +48,7 @@ class ModelEntry:
     checkpoints: Mapping[int, Checkpoint]
     paper: str
     source: str
+    layout: QuantLayout
     license: str = "unknown"
     note: str = ""
 
@@ -164,6 +166,12 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Hui et al., Lightweight Image Super-Resolution with Information Multi-distillation Network, ACM MM 2019",
         source="Zheng222/IMDN @ 8f158e6a",
+        layout=QuantLayout(
+            body=(r"IMDB\d+\.c[1-5]",),
+            post_activation=(r"IMDB\d+\.c[2-5]",),
+            fixed_8bit=(r"fea_conv", r"c\.0", r"LR_conv", r"upsampler\.0"),
+            never=(r"IMDB\d+\.cca\..*",),
+        ),
     ),
     "pan": ModelEntry(
         name="pan",
@@ -183,6 +191,10 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Zhao et al., Efficient Image Super-Resolution Using Pixel Attention, ECCV Workshops 2020",
         source="zhaohengyuan1/PAN @ 4d045d18",
+        layout=QuantLayout(
+            body=(r"SCPA_trunk\.\d+\..*",),
+            fixed_8bit=(r"conv_first", r"trunk_conv", r"upconv\d", r"att\d\.conv", r"HRconv\d", r"conv_last"),
+        ),
     ),
     "carn-m": ModelEntry(
         name="carn-m",
@@ -202,6 +214,11 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Ahn et al., Fast, Accurate, and Lightweight Super-Resolution with Cascading Residual Network, ECCV 2018",
         source="nmhkahn/CARN-pytorch @ 40d3514f",
+        layout=QuantLayout(
+            body=(r"b[123]\..*", r"c[123]\..*"),
+            fixed_8bit=(r"entry", r"upsample\..*", r"exit"),
+            never=(r"(sub|add)_mean\..*",),
+        ),
         license="MIT",
         note="one multi-scale checkpoint serves x2, x3 and x4",
     ),
@@ -224,6 +241,12 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Kim et al., LMLT: Low-to-high Multi-Level Vision Transformer for Image Super-Resolution, 2024",
         source="jwgdmkj/LMLT @ 8602015f",
+        layout=QuantLayout(
+            body=(r"feats\.\d+\.lhsb\.mfr\.\d+\.(qkv|proj)", r"feats\.\d+\.lhsb\.aggr", r"feats\.\d+\.ccm\.ccm\.2"),
+            post_activation=(r"feats\.\d+\.ccm\.ccm\.2",),
+            fixed_8bit=(r"to_feat", r"feats\.\d+\.ccm\.ccm\.0", r"to_img\.0"),
+            weight_groups=((r"feats\.\d+\.lhsb\.mfr\.\d+\.qkv", 3),),
+        ),
         license="MIT",
     ),
     "eswt": ModelEntry(
@@ -244,6 +267,12 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Shi et al., Image Super-Resolution using Efficient Striped Window Transformer, 2023",
         source="Fried-Rice-Lab/FriedRiceLab @ c3899fb3",
+        layout=QuantLayout(
+            body=(r"body\.\d+\.sa_list\.\d+\.(attn|proj)\.0", r"body\.\d+\.mlp_list\.\d+\.fc[12]"),
+            post_activation=(r"body\.\d+\.mlp_list\.\d+\.fc2",),
+            fixed_8bit=(r"head\.0", r"body\.\d+\.conv\.0", r"tail\.0"),
+            weight_groups=((r"body\.\d+\.sa_list\.\d+\.attn\.0", 2),),
+        ),
         license="MIT",
     ),
     "swinir-light": ModelEntry(
@@ -266,6 +295,12 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Liang et al., SwinIR: Image Restoration Using Swin Transformer, ICCV Workshops 2021",
         source="JingyunLiang/SwinIR",
+        layout=QuantLayout(
+            body=(r"layers\.\d+\.residual_group\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",),
+            post_activation=(r".*\.mlp\.fc2",),
+            fixed_8bit=(r"conv_first", r"layers\.\d+\.conv", r"conv_after_body", r"upsample\.0"),
+            weight_groups=((r".*\.attn\.qkv", 3),),
+        ),
         license="Apache-2.0",
         note="not shipped here; sha256 of the release files unknown",
     ),
@@ -286,6 +321,11 @@ REGISTRY: dict[str, ModelEntry] = {
         },
         paper="Lim et al., Enhanced Deep Residual Networks for Single Image Super-Resolution, CVPRW 2017",
         source="sanghyun-son/EDSR-PyTorch",
+        layout=QuantLayout(
+            body=(r"body\.\d+\.body\.[02]",),
+            post_activation=(r"body\.\d+\.body\.2",),
+            fixed_8bit=(r"head\.0", r"body\.\d+", r"tail\..*"),
+        ),
         license="MIT",
         note="not shipped here; the file names carry a sha256 prefix, the full digest is unknown",
     ),
@@ -299,6 +339,10 @@ REGISTRY: dict[str, ModelEntry] = {
         checkpoints={},
         paper="Zhang et al., Residual Dense Network for Image Super-Resolution, CVPR 2018",
         source="sanghyun-son/EDSR-PyTorch (src/model/rdn.py)",
+        layout=QuantLayout(
+            body=(r"RDBs\.\d+\.convs\.\d+\.conv\.0", r"RDBs\.\d+\.LFF"),
+            fixed_8bit=(r"SFENet[12]", r"GFF\.\d", r"UPNet\.\d"),
+        ),
         license="MIT",
         note="no public direct-download checkpoint; load your own with --weights",
     ),
@@ -312,6 +356,10 @@ REGISTRY: dict[str, ModelEntry] = {
         checkpoints={},
         paper="Ledig et al., Photo-Realistic Single Image Super-Resolution Using a GAN, CVPR 2017",
         source="Cheeun/AdaBM (src/model/srresnet.py)",
+        layout=QuantLayout(
+            body=(r"body\.\d+\.conv[12]",),
+            fixed_8bit=(r"head\.0", r"body\.\d+", r"tail\..*"),
+        ),
         note="no public direct-download checkpoint; load your own with --weights",
     ),
 }

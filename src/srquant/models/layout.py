@@ -1,0 +1,25 @@
+"""Per-architecture quantization layout: plain data the zoo publishes; no quantization code here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Which layers of one architecture are which, by regular expressions on module names.
+
+    body: the layers quantized by default (CNN body convs; for transformers the token-wise linear layers,
+        including 1x1 convs that act as linear layers);
+    post_activation: layers whose input follows GELU/SiLU (an exponential-like, one-sided distribution);
+    fixed_8bit: the remaining convs that a "fully quantized" model runs at W8A8 (head, upsampler, tail);
+    never: modules that are never quantized (fixed mean-shift layers, attention gates and the like);
+    weight_groups: fused layers whose weight gets one bound pair per slice along the output dimension
+        (a fused qkv projection quantized as separate q, k and v weights, as 2DQuant does).
+    """
+
+    body: tuple[str, ...]
+    post_activation: tuple[str, ...] = ()
+    fixed_8bit: tuple[str, ...] = ()
+    never: tuple[str, ...] = ()
+    weight_groups: tuple[tuple[str, int], ...] = ()

@@ -1,0 +1,134 @@
+"""`quantize_(model, spec, layout)`: convert selected layers in place; mode switches for calibration and FP.
+
+The FP teacher used by distillation is the same network with quantization switched off (`fp_mode`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from srquant.quant.modules import convert_module, is_quantized
+from srquant.quant.quantizers import (
+    AsymmetricQuantizer,
+    LSQQuantizer,
+    Quantizer,
+    QuantMode,
+    SymmetricQuantizer,
+)
+from srquant.quant.spec import QuantLayout, QuantSpec, matches
+
+MATMUL_HOOKS = ("q_hook", "k_hook", "v_hook", "attn_hook")
+
+
+@dataclass
+class QuantReport:
+    """Which modules `quantize_` converted, at which (w_bits, a_bits)."""
+
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    matmul: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: counts per bit setting."""
+        counts: dict[tuple[int, int], int] = {}
+        for bits in self.layers.values():
+            counts[bits] = counts.get(bits, 0) + 1
+        parts = [f"{n} layers at W{w}A{a}" for (w, a), n in sorted(counts.items())]
+        if self.matmul:
+            parts.append(f"{len(self.matmul)} matmul operands")
+        return ", ".join(parts) or "nothing quantized"
+
+
+def _weight_quantizer(kind: str, bits: int, groups: int) -> Quantizer:
+    if kind == "symmetric":
+        return SymmetricQuantizer(bits)
+    if kind == "lsq":
+        return LSQQuantizer(bits, signed=True)
+    return AsymmetricQuantizer(bits, groups=groups)
+
+
+def _act_quantizer(kind: str, bits: int, one_sided: bool) -> Quantizer:
+    if kind == "lsq":
+        return LSQQuantizer(bits, signed=not one_sided)
+    return AsymmetricQuantizer(bits, one_sided=one_sided)
+
+
+def _set_child(model: nn.Module, dotted: str, child: nn.Module) -> None:
+    parent_name, _, leaf = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, child)
+
+
+def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantReport:
+    """Replace the layers the spec selects with quantized versions, in place; quantizers start in FP mode.
+
+    Every quantizer starts disabled (FP mode) so the converted model still equals the float one until a
+    method calibrates it and switches quantization on.
+    """
+    body = spec.layers if spec.layers is not None else layout.body
+    eight = spec.fixed_8bit if spec.fixed_8bit is not None else (layout.fixed_8bit if spec.full else ())
+    report = QuantReport()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Conv2d | nn.Linear) or is_quantized(module):
+            continue
+        if matches(name, layout.never) or matches(name, spec.keep_fp):
+            continue
+        if matches(name, body):
+            w_bits, a_bits = spec.w_bits, spec.a_bits
+        elif matches(name, eight):
+            w_bits, a_bits = 8, 8
+        else:
+            continue
+        one_sided = matches(name, layout.post_activation)
+        groups = next((g for pattern, g in layout.weight_groups if matches(name, (pattern,))), 1)
+        convert_module(
+            module,
+            _act_quantizer(spec.act_quantizer, a_bits, one_sided),
+            _weight_quantizer(spec.weight_quantizer, w_bits, groups),
+        )
+        report.layers[name] = (w_bits, a_bits)
+    if spec.matmul:
+        for name, module in list(model.named_modules()):
+            leaf = name.rpartition(".")[2]
+            if leaf in MATMUL_HOOKS and isinstance(module, nn.Identity) and not matches(name, spec.keep_fp):
+                quantizer = _act_quantizer(spec.act_quantizer, spec.a_bits, one_sided=leaf == "attn_hook")
+                _set_child(model, name, quantizer)
+                report.matmul[name] = spec.a_bits
+    return report
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """Every quantizer in the model with its dotted name."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            yield name, module
+
+
+def set_mode(model: nn.Module, mode: QuantMode) -> None:
+    """Put every quantizer of the model in one mode."""
+    for _, quantizer in quantizers(model):
+        quantizer.mode = mode
+
+
+@contextmanager
+def mode_scope(model: nn.Module, mode: QuantMode) -> Iterator[nn.Module]:
+    """Temporarily switch every quantizer to `mode`, restoring each quantizer's own mode afterwards."""
+    saved = [(q, q.mode) for _, q in quantizers(model)]
+    set_mode(model, mode)
+    try:
+        yield model
+    finally:
+        for quantizer, mode_before in saved:
+            quantizer.mode = mode_before
+
+
+def fp_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """The FP teacher: the same network with all quantization switched off."""
+    return mode_scope(model, QuantMode.FP)
+
+
+def bound_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable quantizer parameters (bounds or steps), the only ones DQC trains."""
+    return [p for _, q in quantizers(model) for p in q.parameters(recurse=False)]

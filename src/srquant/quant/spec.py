@@ -1,0 +1,80 @@
+"""What to quantize and how: a validated dataclass spec (layer defaults come from the zoo's `QuantLayout`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from srquant.models.layout import QuantLayout
+
+WEIGHT_QUANTIZERS = ("asymmetric", "symmetric", "lsq")
+ACT_QUANTIZERS = ("asymmetric", "lsq")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A quantization recipe: bit-widths, layer selection and quantizer kinds.
+
+    Layer selection: a module is quantized at (w_bits, a_bits) if its name matches `layers` (default: the
+    architecture layout's body) and not `keep_fp`; it is quantized at W8A8 if it matches `fixed_8bit`
+    (default: the layout's, when `full` is set). Attention matmul operands are quantized at a_bits when
+    `matmul` is set and the architecture exposes the hooks.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    layers: tuple[str, ...] | None = None
+    keep_fp: tuple[str, ...] = ()
+    full: bool = False
+    fixed_8bit: tuple[str, ...] | None = None
+    matmul: bool = True
+    weight_quantizer: str = "asymmetric"
+    act_quantizer: str = "asymmetric"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
+            if not isinstance(bits, int) or not 1 <= bits <= 16:
+                raise ValueError(f"{name} must be an integer in [1, 16], got {bits!r}")
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
+        if self.act_quantizer not in ACT_QUANTIZERS:
+            raise ValueError(f"act_quantizer must be one of {ACT_QUANTIZERS}, got {self.act_quantizer!r}")
+        for pattern in (*(self.layers or ()), *self.keep_fp, *(self.fixed_8bit or ())):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"bad layer pattern {pattern!r}: {err}") from None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON/checkpoint-friendly form (tuples become lists)."""
+        return {
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "layers": list(self.layers) if self.layers is not None else None,
+            "keep_fp": list(self.keep_fp),
+            "full": self.full,
+            "fixed_8bit": list(self.fixed_8bit) if self.fixed_8bit is not None else None,
+            "matmul": self.matmul,
+            "weight_quantizer": self.weight_quantizer,
+            "act_quantizer": self.act_quantizer,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> QuantSpec:
+        """Inverse of `to_dict`."""
+        values = dict(data)
+        for key in ("layers", "fixed_8bit"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])  # type: ignore[arg-type]
+        values["keep_fp"] = tuple(values.get("keep_fp", ()))  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """True if the module name fully matches any of the regular expressions."""
+    return any(re.fullmatch(p, name) for p in patterns)
+
+
+__all__ = ["QuantLayout", "QuantSpec", "matches"]

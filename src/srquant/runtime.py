@@ -1,0 +1,33 @@
+"""Process-level settings that make CPU inference fast; called explicitly by the CLI and benchmarks.
+
+glibc returns every large freed block (here: feature maps of tens of MB) to the OS and page-faults it back
+in on the next allocation. On this machine that doubled the time of an IMDN x2 forward pass on a 512x384
+input (6.5 s -> 2.7 s with the thresholds raised; system time 9.1 s -> 1.6 s). Raising the mmap and trim
+thresholds keeps freed blocks in the heap for reuse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Keep large freed blocks in the process heap (glibc only); returns whether the setting took effect."""
+    global _tuned
+    if _tuned or not sys.platform.startswith("linux"):
+        return _tuned
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+    return _tuned

@@ -1,0 +1,159 @@
+"""Quantization core: FP equivalence, near-identity at 16 bits, hand-checked gradients, DOBI, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from srquant.errors import SrquantError
+from srquant.methods.ptq import calibrate
+from srquant.models.registry import REGISTRY, build_model
+from srquant.quant.calibrators import DobiCalibrator, search_error_exact
+from srquant.quant.modules import is_quantized
+from srquant.quant.quantize import fp_mode, quantize_, quantizers, set_mode
+from srquant.quant.quantizers import AsymmetricQuantizer, LSQQuantizer, QuantMode, SymmetricQuantizer
+from srquant.quant.spec import QuantSpec
+
+NAMES = ["imdn", "pan", "carn-m", "lmlt-tiny", "eswt", "swinir-light", "edsr-baseline", "rdn", "srresnet"]
+
+
+def _quantized(name: str, spec: QuantSpec, scale: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, scale, tiny=True).eval()
+    quantize_(model, spec, REGISTRY[name].layout)
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_disabled_quantization_equals_float_bit_for_bit(name: str) -> None:
+    torch.manual_seed(0)
+    reference = build_model(name, 4, tiny=True).eval()
+    model = _quantized(name, QuantSpec(4, 4, full=True))
+    assert sum(is_quantized(m) for m in model.modules()) > 0
+    x = torch.rand(2, 3, 13, 11)
+    calibrate(model, [x], "minmax")  # bounds set, quantization on ...
+    with torch.no_grad(), fp_mode(model):  # ... and switched off again: the FP teacher
+        assert torch.equal(model(x), reference(x))
+    # Parameter names of the float model are all still there, unchanged.
+    assert set(reference.state_dict()) <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["imdn", "swinir-light", "eswt"])
+def test_16_bit_wide_range_is_near_identity(name: str) -> None:
+    model = _quantized(name, QuantSpec(16, 16))
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad(), fp_mode(model):
+        ref = model(x)
+    calibrate(model, [x], "minmax")
+    with torch.no_grad():
+        out = model(x)
+    assert (out - ref).abs().max() < 1e-3
+
+
+def test_asymmetric_forward_and_gradients_match_hand_reference() -> None:
+    q = AsymmetricQuantizer(bits=2)
+    q.set_bounds(-1.0, 2.0)  # step 1: grid -1, 0, 1, 2
+    q.mode = QuantMode.QUANT
+    x = torch.tensor([-3.0, -0.6, 0.4, 1.49, 2.5, 5.0], requires_grad=True)
+    y = q(x)
+    assert y.tolist() == [-1.0, -1.0, 0.0, 1.0, 2.0, 2.0]
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    y.backward(upstream)
+    # x: identity inside [l, u] (rounding is straight-through), zero outside.
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0, 0.0]
+    # Hand derivation, element by element: s = (u-l)/3, t = (clip(x)-l)/s, q = s*round(t) + l, with
+    # round straight-through (d round(t) = d t) and d clip/d l = [x < l], d clip/d u = [x > u].
+    lower, upper, levels = -1.0, 2.0, 3
+    s = (upper - lower) / levels
+    grad_l = grad_u = 0.0
+    for xi, g in zip([-3.0, -0.6, 0.4, 1.49, 2.5, 5.0], upstream.tolist(), strict=True):
+        c = min(max(xi, lower), upper)
+        r = round((c - lower) / s)
+        dc_dl, dc_du = (1.0 if xi < lower else 0.0), (1.0 if xi > upper else 0.0)
+        ds_dl, ds_du = -1.0 / levels, 1.0 / levels
+        # q = r*s + l with r ~ t = (c - l)/s
+        dt_dl = ((dc_dl - 1.0) * s - (c - lower) * ds_dl) / s**2
+        dt_du = (dc_du * s - (c - lower) * ds_du) / s**2
+        grad_l += g * (dt_dl * s + r * ds_dl + 1.0)
+        grad_u += g * (dt_du * s + r * ds_du)
+    assert q.lower_bound.grad.item() == pytest.approx(grad_l)
+    assert q.upper_bound.grad.item() == pytest.approx(grad_u)
+
+
+def test_clip_gradient_sums_over_clipped_elements() -> None:
+    # With the rounding grid aligned, the bound gradient from clipping alone is the SUM over clipped elements.
+    from srquant.quant.quantizers import BoundClip
+
+    x = torch.tensor([-5.0, -2.0, 0.0, 3.0, 7.0])
+    lower = torch.tensor(-1.0, requires_grad=True)
+    upper = torch.tensor(2.0, requires_grad=True)
+    BoundClip.apply(x, lower, upper).backward(torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0]))
+    assert lower.grad.item() == 11.0 and upper.grad.item() == 11000.0
+
+
+def test_symmetric_and_lsq_grids() -> None:
+    sym = SymmetricQuantizer(bits=3)  # levels -3..3 times u/3
+    sym.set_bounds(-1.5, 3.0)
+    sym.mode = QuantMode.QUANT
+    assert sym(torch.tensor([-4.0, -1.2, 0.4, 2.6])).tolist() == [-3.0, -1.0, 0.0, 3.0]
+    lsq = LSQQuantizer(bits=4, signed=False)
+    lsq.step.data.fill_(0.5)
+    lsq.mode = QuantMode.QUANT
+    assert lsq(torch.tensor([-1.0, 0.26, 9.0])).tolist() == [0.0, 0.5, 7.5]
+
+
+def test_per_sample_bits() -> None:
+    q = AsymmetricQuantizer(bits=8)
+    q.set_bounds(0.0, 1.0)
+    q.mode = QuantMode.QUANT
+    q.bits_override = torch.tensor([1.0, 2.0]).view(2, 1)
+    out = q(torch.full((2, 3), 0.4))
+    assert out[0].tolist() == [0.0] * 3 and out[1].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_dobi_recovers_known_bounds_on_synthetic_tensor() -> None:
+    # Uniform values on [-1, 1] plus a few far outliers: at 4 bits the best bounds cut the outliers and keep
+    # the bulk, i.e. close to (-1, 1); min/max would be (-8, 8).
+    gen = torch.Generator().manual_seed(0)
+    bulk = torch.rand(200_000, generator=gen) * 2 - 1
+    x = torch.cat([bulk, torch.tensor([-8.0, 8.0])])
+    lo, hi = search_error_exact(x, bits=4, one_sided=False)
+    assert -1.2 < lo < -0.9 and 0.9 < hi < 1.2
+    # The histogram calibrator accumulated over two batches picks (almost) the same candidate.
+    cal = DobiCalibrator("t", bits=4)
+    for index in range(2):
+        cal.begin_pass(index)
+        for part in (x[:100_001], x[100_001:]):
+            cal.collect(part)
+    hlo, hhi = cal.compute()
+    step = 16.0 / 200  # the candidate spacing
+    assert abs(float(hlo) - lo) <= step + 1e-6 and abs(float(hhi) - hi) <= step + 1e-6
+
+
+def test_dobi_one_sided_keeps_the_minimum() -> None:
+    x = torch.distributions.Exponential(torch.tensor(4.0)).sample((100_000,))
+    x = torch.cat([x, torch.tensor([20.0])])
+    lo, hi = search_error_exact(x, bits=4, one_sided=True)
+    assert lo == pytest.approx(float(x.min())) and hi < 5.0
+
+
+def test_nan_during_calibration_is_a_clear_error() -> None:
+    model = _quantized("imdn", QuantSpec(4, 4))
+    x = torch.rand(1, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(SrquantError, match="non-finite values"):
+        calibrate(model, [x], "dobi")
+    assert all(q.mode is QuantMode.FP for _, q in quantizers(model))  # nothing was switched on
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "dobi"])
+def test_methods_calibrate_every_quantizer(method: str) -> None:
+    model = _quantized("swinir-light", QuantSpec(4, 4))
+    x = torch.rand(2, 3, 12, 12)
+    calibrate(model, [x, x.flip(-1)], method)
+    bounds = [(q.lower_bound.min().item(), q.upper_bound.max().item()) for _, q in quantizers(model)]
+    assert all(lo < hi for lo, hi in bounds)
+    set_mode(model, QuantMode.QUANT)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
