@@ -9,11 +9,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import nn
+
 from srquant import api
 from srquant.assets import asset_dir
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
-from srquant.models.registry import REGISTRY, checkpoint_path
+from srquant.methods.pipeline import METHODS, PRESETS, quantize_model
+from srquant.models.registry import REGISTRY, checkpoint_path, get_entry
+from srquant.quant.accounting import layer_bits, model_cost
+from srquant.quant.checkpoint import load_quantized, save_quantized
+from srquant.quant.spec import QuantSpec
 from srquant.runtime import tune_allocator
 
 
@@ -35,7 +41,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="zoo model name (see `srquant models`)")
+    parser.add_argument("--model", required=True, help="zoo model name (see `srquant models`) or a quantized .pt")
     parser.add_argument("--scale", type=_positive_int, required=True, help="upscaling factor")
     parser.add_argument("--weights", help="load this checkpoint instead of the registry's (strictly)")
     parser.add_argument("--download", action="store_true", help="fetch a missing checkpoint (sha256-verified)")
@@ -74,6 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(up)
     _add_assets_arg(up)
 
+    qz = sub.add_parser("quantize", help="quantize a zoo model and write a quantized checkpoint")
+    qz.add_argument("--model", required=True, help="zoo model name")
+    qz.add_argument("--scale", type=_positive_int, required=True)
+    qz.add_argument("--method", required=True, choices=METHODS)
+    qz.add_argument("--wbits", type=_positive_int, required=True)
+    qz.add_argument("--abits", type=_positive_int, required=True)
+    qz.add_argument("--calib", type=Path, help="folder of training images (default: <assets>/calibration/train291)")
+    qz.add_argument("-o", "--output", type=Path, required=True)
+    qz.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="calibration schedule (default: cpu)")
+    qz.add_argument("--full", action="store_true", help="also run head/upsampler/tail at W8A8 (fully quantized)")
+    qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
+    qz.add_argument("--iterations", type=int, help="override the preset's DQC iterations")
+    qz.add_argument("--batch-size", type=_positive_int, help="override the preset's DQC batch size")
+    qz.add_argument("--seed", type=int, help="override the preset's data seed")
+    qz.add_argument("--weights", help="start from this float checkpoint instead of the registry's")
+    qz.add_argument("--no-progress", action="store_true")
+    _add_assets_arg(qz)
+
     models = sub.add_parser("models", help="list the model zoo and what is available locally")
     _add_assets_arg(models)
     return parser
@@ -89,18 +113,31 @@ def format_table(results: Sequence[DatasetResult]) -> str:
     return "\n".join(lines)
 
 
+def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """A zoo model by name, or a quantized checkpoint file; returns (model, label)."""
+    path = Path(args.model)
+    if path.suffix in (".pt", ".pth") or path.is_file():
+        if args.weights:
+            raise SrquantError("--weights applies to zoo models, not to a quantized checkpoint")
+        model, record = load_quantized(path)
+        if int(record["scale"]) != args.scale:
+            raise SrquantError(f"{path} is a x{record['scale']} model, but x{args.scale} was asked for")
+        return model, f"{record['model']} ({path.name}, {record['meta'].get('method', '?')})"
+    return api.load_model(args.model, args.scale, args.assets, args.weights, args.download), args.model
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    model = api.load_model(args.model, args.scale, args.assets, args.weights, args.download)
+    model, label = _load_for_eval(args)
     results = api.evaluate(
-        model,
-        args.datasets,
-        args.scale,
-        args.convention,
-        args.assets,
-        args.tile,
-        progress=not args.no_progress,
+        model, args.datasets, args.scale, args.convention, args.assets, args.tile, progress=not args.no_progress
     )
-    print(f"{args.model} x{args.scale}")
+    cost = model_cost(model, args.scale)
+    bits = layer_bits(model)
+    w_bits = max((w for w, _ in bits.values()), default=32)
+    a_bits = max((a for _, a in bits.values()), default=32)
+    for result in results:
+        result.extras.update({"wbits": w_bits, "abits": a_bits, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g})
+    print(f"{label} x{args.scale}: W{w_bits}A{a_bits}, {cost.size_mb:.3f} MB, {cost.bitops_g:.2f} G BitOPs")
     print(format_table(results))
     if args.json:
         record = {
@@ -115,6 +152,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    root = asset_dir(args.assets)
+    calib = args.calib or root / "calibration" / "train291"
+    if not Path(calib).is_dir():
+        raise SrquantError(f"calibration folder {calib} not found; pass --calib DIR (training images, not a benchmark)")
+    entry = get_entry(args.model)
+    model = api.load_model(args.model, args.scale, args.assets, args.weights)
+    spec = QuantSpec(w_bits=args.wbits, a_bits=args.abits, full=args.full)
+    result = quantize_model(
+        model,
+        entry.layout,
+        args.method,
+        spec,
+        calib,
+        args.preset,
+        datasets_root=root / "datasets",
+        progress=not args.no_progress,
+        percentile=args.percentile,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    meta = {
+        "method": args.method,
+        "preset": args.preset,
+        "calib_folder": str(calib),
+        "calib_seconds": result.calib_seconds,
+        "settings": result.settings,
+        "quantized": result.report.summary(),
+    }
+    if result.dqc is not None:
+        meta["dqc_rollbacks"] = result.dqc.rollbacks
+        meta["dqc_final_loss"] = result.dqc.losses[-1] if result.dqc.losses else None
+        for note in result.dqc.rollbacks:
+            print(f"divergence guard: {note}")
+    size = save_quantized(model, args.output, entry.name, spec, meta)
+    print(f"{entry.name} x{args.scale} {args.method} W{args.wbits}A{args.abits}: {result.report.summary()}")
+    print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     written = api.write_lr_set(args.dataset, args.scale, args.out, args.assets)
     print(f"wrote {len(written)} LR images (x{args.scale}) to {args.out}")
@@ -122,7 +200,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    model = api.load_model(args.model, args.scale, args.assets, args.weights, args.download)
+    model, _ = _load_for_eval(args)
     api.upscale_file(model, args.input, args.output, args.tile)
     print(f"wrote {args.output}")
     return 0
@@ -145,7 +223,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "data": cmd_data, "upscale": cmd_upscale, "models": cmd_models}
+COMMANDS = {
+    "eval": cmd_eval,
+    "quantize": cmd_quantize,
+    "data": cmd_data,
+    "upscale": cmd_upscale,
+    "models": cmd_models,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,40 +60,57 @@ def check_not_benchmark(folder: Path, paths: list[Path], datasets_root: Path | N
             raise SrquantError(f"calibration image {path} is a benchmark test image; calibration must not see it")
 
 
+class CropSampler:
+    """Draws random aligned (LR, HR) crops from a folder of training images, loading each image once.
+
+    Images are read and bicubic-downsampled on first use; images too small for the crop are skipped.
+    """
+
+    def __init__(self, folder: Path, scale: int, size: int, datasets_root: Path | None = None) -> None:
+        self.paths = list_images(folder)
+        if not self.paths:
+            raise SrquantError(f"calibration folder {folder} has no images")
+        check_not_benchmark(folder, self.paths, datasets_root)
+        self.folder, self.scale, self.size = folder, scale, size
+        self._loaded: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+
+    def _image(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if index not in self._loaded:
+            s = self.scale
+            hr = read_image(self.paths[index])
+            hr = hr[: hr.shape[0] - hr.shape[0] % s, : hr.shape[1] - hr.shape[1] % s]
+            fits = hr.shape[0] // s >= self.size and hr.shape[1] // s >= self.size
+            self._loaded[index] = (hr, bicubic_downsample(hr, s)) if fits else None
+        return self._loaded[index]
+
+    def draw(
+        self, count: int, rng: np.random.Generator, with_hr: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`count` LR crops (N x 3 x size x size in [0, 1]) and, if asked, the aligned HR crops."""
+        s, size = self.scale, self.size
+        lr_crops, hr_crops = [], []
+        attempts = 0
+        while len(lr_crops) < count:
+            attempts += 1
+            if attempts > 50 * count + 10 * len(self.paths):
+                raise SrquantError(f"no image in {self.folder} is large enough for {size}px LR crops at x{s}")
+            pair = self._image(int(rng.integers(len(self.paths))))
+            if pair is None:
+                continue
+            hr, lr = pair
+            top = int(rng.integers(lr.shape[0] - size + 1))
+            left = int(rng.integers(lr.shape[1] - size + 1))
+            lr_crops.append(lr[top : top + size, left : left + size])
+            if with_hr:
+                hr_crops.append(hr[top * s : (top + size) * s, left * s : (left + size) * s])
+        lr_t = torch.from_numpy(np.stack(lr_crops)).permute(0, 3, 1, 2).float().div_(255.0)
+        hr_t = torch.from_numpy(np.stack(hr_crops)).permute(0, 3, 1, 2).float().div_(255.0) if with_hr else None
+        return lr_t, hr_t
+
+
 def sample_crops(
     config: CalibrationConfig, datasets_root: Path | None = None, with_hr: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draw `count` random LR crops (N x 3 x size x size in [0, 1]) and, if asked, the aligned HR crops.
-
-    Each image is downsampled once with the benchmark's bicubic kernel; crops are uniform over images and
-    positions from a NumPy generator seeded with `seed`, so the same config always gives the same tensors.
-    """
-    paths = list_images(config.folder)
-    if not paths:
-        raise SrquantError(f"calibration folder {config.folder} has no images")
-    check_not_benchmark(config.folder, paths, datasets_root)
-    rng = np.random.default_rng(config.seed)
-    s, size = config.scale, config.size
-    loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    lr_crops, hr_crops = [], []
-    attempts = 0
-    while len(lr_crops) < config.count:
-        attempts += 1
-        if attempts > 50 * config.count:
-            raise SrquantError(f"no image in {config.folder} is large enough for {size}px LR crops at x{s}")
-        index = int(rng.integers(len(paths)))
-        if index not in loaded:
-            hr = read_image(paths[index])
-            hr = hr[: hr.shape[0] - hr.shape[0] % s, : hr.shape[1] - hr.shape[1] % s]
-            loaded[index] = (hr, bicubic_downsample(hr, s))
-        hr, lr = loaded[index]
-        if lr.shape[0] < size or lr.shape[1] < size:
-            continue
-        top = int(rng.integers(lr.shape[0] - size + 1))
-        left = int(rng.integers(lr.shape[1] - size + 1))
-        lr_crops.append(lr[top : top + size, left : left + size])
-        if with_hr:
-            hr_crops.append(hr[top * s : (top + size) * s, left * s : (left + size) * s])
-    lr_t = torch.from_numpy(np.stack(lr_crops)).permute(0, 3, 1, 2).float().div_(255.0)
-    hr_t = torch.from_numpy(np.stack(hr_crops)).permute(0, 3, 1, 2).float().div_(255.0) if with_hr else None
-    return lr_t, hr_t
+    """Draw `count` seeded random LR crops (and, if asked, HR crops): the same config gives the same tensors."""
+    sampler = CropSampler(config.folder, config.scale, config.size, datasets_root)
+    return sampler.draw(config.count, np.random.default_rng(config.seed), with_hr)

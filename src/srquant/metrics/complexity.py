@@ -10,9 +10,10 @@ Conventions (one place, so that every table can name them):
   running at the time:
 
   - ``conv``: a convolution an ``nn.Conv2d`` (or any ``_ConvNd``, subclasses included) runs with a kernel
-    of its own weight's shape: ``out.numel() * C_in/groups * kh * kw`` MACs, bias ignored. Row name: the
-    module name; ``params``: weight + bias.
-  - ``linear``: a matrix product inside an ``nn.Linear``: ``M * N * K`` MACs, bias ignored.
+    of its own weight's shape: ``out.numel() * C_in/groups * kh * kw`` MACs. Row name: the module name;
+    ``params``: weight + bias.
+  - ``linear``: a matrix product inside an ``nn.Linear``: ``M * N * K`` MACs. Bias additions of Linear and
+    conv layers are not counted, whether fused (``addmm``) or not (a separate ``add`` on strided input).
   - ``matmul``: any other matrix product (``mm``/``bmm``/SDPA...), i.e. attention's ``q @ k^T`` and
     ``attn @ v`` (ESWT's ``q @ q^T`` too). Row ``"<module>.matmul"``, where ``<module>`` is the nearest
     enclosing module owning the contract's ``q_hook``/``k_hook``/``v_hook``/``attn_hook`` (else the
@@ -29,8 +30,12 @@ Conventions (one place, so that every table can name them):
   multiples) is part of what is counted: SwinIR, for instance, always pads 1..8 pixels.
 * Storage: :func:`param_bytes` counts ``nn.Parameter`` tensors only (frozen ones included unless
   ``learned_only``), never buffers (``relative_position_index``, attention masks, RGB means). SwinIR's
-  ``relative_position_bias_table`` is a learned parameter and is counted, at 32 bit.
+  ``relative_position_bias_table`` is a learned parameter and is counted, at 32 bit, unless excluded
+  (``exclude=SWINIR_PAPER_EXCLUDES`` matches the published SwinIR / 2DQuant counts, which leave it out).
 * Units are explicit: :data:`MB` = 10**6 bytes and :data:`MIB` = 2**20 bytes; ops in :data:`GIGA` = 10**9.
+* Paper figures: SwinIR's "Mult-Adds" and 2DQuant's "Ops" come from SwinIR's hand-written ``flops()``
+  formulas (MACs, exact for Linear and attention matmuls, short on two convs, norms only as "other") on a
+  fixed token grid; ``tests/test_complexity.py`` rebuilds them from these rows and states each difference.
 """
 
 from __future__ import annotations
@@ -186,12 +191,6 @@ def _is_attention(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, hook, None), nn.Module) for hook in HOOK_NAMES)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a (possibly nested) op output."""
-    leaves, _ = tree_flatten(value)
-    return next((leaf for leaf in leaves if isinstance(leaf, torch.Tensor)), None)
-
-
 class _OpsRecorder(TorchDispatchMode):
     """Dispatch mode that adds each ATen op's count to a (row name, kind) of the module running it."""
 
@@ -234,7 +233,12 @@ class _OpsRecorder(TorchDispatchMode):
         op_name = getattr(packet, "__name__", str(func))
         name = self.stack[-1] if self.stack else ""
         module = self.modules.get(name)
-        if packet in flop_registry:
+        if "scaled_dot_product" in op_name and packet not in flop_registry and len(args) >= 3:
+            query, key, value = args[:3]  # [..., L, E], [..., S, E], [..., S, Ev]: both matmuls of SDPA
+            batch = math.prod(query.shape[:-2])
+            macs = batch * query.shape[-2] * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+            self._add(f"{self._attention_owner()}.matmul", MATMUL, macs)
+        elif packet in flop_registry:
             macs = flop_registry[packet](*args, **kwargs, out_val=out) // 2
             if "conv" in op_name:
                 weight = args[1]
@@ -246,8 +250,8 @@ class _OpsRecorder(TorchDispatchMode):
                 self._add(name, LINEAR, macs)
             else:
                 self._add(f"{self._attention_owner()}.matmul", MATMUL, macs)
-        elif op_name in _DATA_MOVEMENT:
-            self._add(name, OTHER, 0)
+        elif op_name in _DATA_MOVEMENT or isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            self._add(name, OTHER, 0)  # data movement, or a bias add a Linear/conv does unfused
         else:
             sizes = [leaf.numel() for leaf in tree_flatten((args, kwargs, out))[0] if isinstance(leaf, torch.Tensor)]
             self._add(name, OTHER, max(sizes, default=0))

@@ -394,6 +394,8 @@ def read_state_dict(path: Path, state_key: str | None = None) -> dict[str, torch
         raise SrquantError(f"{path} is not a loadable weights-only checkpoint: {first[:200]}") from err
     if not isinstance(obj, dict):
         raise SrquantError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    if str(obj.get("format", "")).startswith("srquant-quantized"):
+        raise SrquantError(f"{path} is an srquant quantized checkpoint, not float weights; pass it as --model FILE")
     if state_key is not None and state_key in obj and isinstance(obj[state_key], dict):
         obj = obj[state_key]
     elif state_key is None and "params" in obj and isinstance(obj["params"], dict):

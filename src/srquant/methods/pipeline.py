@@ -1,0 +1,125 @@
+"""One call from a float zoo model to a calibrated quantized one: quantize_ -> calibrate (-> DQC).
+
+Methods: `minmax`, `percentile`, `dobi` (PTQ bound calibration) and `2dquant` (DOBI, then DQC). Schedules
+come from named presets: `paper` (2DQuant section 4.1), `code` (2DQuant's released config) and `cpu` (the
+same algorithm with a schedule that fits a 2-core CPU); every field can be overridden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from srquant.data.calibration import CropSampler
+from srquant.errors import SrquantError
+from srquant.methods.ptq import calibrate
+from srquant.methods.twodquant import DQCConfig, DQCReport, run_dqc
+from srquant.models.layout import QuantLayout
+from srquant.quant.quantize import QuantReport, quantize_
+from srquant.quant.spec import QuantSpec
+
+METHODS = ("minmax", "percentile", "dobi", "2dquant")
+
+
+@dataclass(frozen=True)
+class PTQPreset:
+    """Calibration data and DQC schedule for one preset."""
+
+    calib_count: int = 32
+    calib_size: int = 64
+    calib_batch: int = 8
+    dqc_crop: int = 64
+    dqc: DQCConfig = field(default_factory=DQCConfig)
+    percentile: float = 99.99
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.calib_count, self.calib_size, self.calib_batch, self.dqc_crop) < 1:
+            raise SrquantError("preset sizes must be positive")
+
+
+PRESETS: dict[str, PTQPreset] = {
+    # 2DQuant paper, section 4.1: 32 LR crops of 64x64 for DOBI; DQC 3000 iterations, batch 32, Adam 1e-2,
+    # betas (0.9, 0.999), cosine annealing; lambda is not given in the paper, the code's 5 is used.
+    "paper": PTQPreset(dqc=DQCConfig(iterations=3000, batch_size=32, lr=1e-2, betas=(0.9, 0.999), schedule="cosine")),
+    # Released code (options/train/train_2DQuant_x4.yml): 4000 iterations, batch 16, betas (0.9, 0.99),
+    # constant learning rate.
+    "code": PTQPreset(dqc=DQCConfig(iterations=4000, batch_size=16, lr=1e-2, betas=(0.9, 0.99), schedule="constant")),
+    # CPU: the same algorithm and data; fewer and smaller DQC steps (sized in docs/quantization.md).
+    "cpu": PTQPreset(
+        calib_count=32,
+        calib_size=64,
+        dqc_crop=40,
+        dqc=DQCConfig(iterations=100, batch_size=4, lr=1e-2, betas=(0.9, 0.999), schedule="cosine"),
+    ),
+}
+
+
+@dataclass
+class QuantizationResult:
+    """A quantized model and how it was made (for the checkpoint and for reports)."""
+
+    model: nn.Module
+    method: str
+    spec: QuantSpec
+    preset: str
+    report: QuantReport
+    calib_seconds: float
+    dqc: DQCReport | None = None
+    settings: dict[str, object] = field(default_factory=dict)
+
+
+def get_preset(name: str, **overrides: object) -> PTQPreset:
+    """A named preset with some fields replaced (DQC fields by their DQCConfig names)."""
+    if name not in PRESETS:
+        raise SrquantError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    dqc_fields = {f.name for f in dataclasses.fields(DQCConfig)}
+    dqc_over = {k: v for k, v in overrides.items() if k in dqc_fields and v is not None}
+    own_over = {k: v for k, v in overrides.items() if k not in dqc_fields and v is not None}
+    return dataclasses.replace(preset, dqc=dataclasses.replace(preset.dqc, **dqc_over), **own_over)
+
+
+def quantize_model(
+    model: nn.Module,
+    layout: QuantLayout,
+    method: str,
+    spec: QuantSpec,
+    calib_folder: str | Path,
+    preset: str = "cpu",
+    datasets_root: Path | None = None,
+    progress: bool = False,
+    **overrides: object,
+) -> QuantizationResult:
+    """Quantize a float model in place by `method`; calibration data are LR crops of `calib_folder`."""
+    if method not in METHODS:
+        raise SrquantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    config = get_preset(preset, **overrides)
+    scale = int(model.scale)
+    multiple = int(getattr(model, "pad_multiple", 1))
+    # Crops are rounded up to the size the network pads to anyway (64 for LMLT, 24 for ESWT): no wasted work.
+    calib_size = -(-config.calib_size // multiple) * multiple
+    dqc_crop = -(-config.dqc_crop // multiple) * multiple
+    start = time.perf_counter()
+    report = quantize_(model, spec, layout)
+    sampler = CropSampler(Path(calib_folder), scale, calib_size, datasets_root)
+    crops, _ = sampler.draw(config.calib_count, np.random.default_rng(config.seed))
+    batches = list(crops.split(config.calib_batch))
+    calibrate(model, batches, "dobi" if method == "2dquant" else method, config.percentile, progress)
+    dqc_report = None
+    if method == "2dquant" and config.dqc.iterations > 0:
+        dqc_sampler = CropSampler(Path(calib_folder), scale, dqc_crop, datasets_root)
+        rng = np.random.default_rng(config.seed + 1)
+        dqc_report = run_dqc(model, lambda n: dqc_sampler.draw(n, rng)[0], config.dqc, progress)
+    seconds = time.perf_counter() - start
+    settings: dict[str, object] = {"calib_count": config.calib_count, "calib_size": calib_size}
+    if method == "percentile":
+        settings["percentile"] = config.percentile
+    if method == "2dquant":
+        settings.update({"dqc": dataclasses.asdict(config.dqc), "dqc_crop": dqc_crop})
+    return QuantizationResult(model, method, spec, preset, report, seconds, dqc_report, settings)
