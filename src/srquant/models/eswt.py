@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srquant.models.padding import reflect_pad_to
+
 TINY_KWARGS: dict[str, object] = {
     "n_t": 2,
     "n_g": 1,
@@ -30,28 +32,6 @@ TINY_KWARGS: dict[str, object] = {
 
 DF2K_RGB_MEAN = (0.4690, 0.4490, 0.4036)
 """Mean RGB of DF2K on a [0, 1] scale, removed before and restored after the network."""
-
-
-def reflect_pad_to(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
-    """Reflect-pad the bottom and right of ``x`` up to multiples of (multiple_h, multiple_w) as the original.
-
-    The original reflects once, which fails when the padding is not smaller than the side; such sides are
-    reflected repeatedly here (a 1-pixel side is replicated once first), so any size works and every size the
-    original accepts gives exactly its result.
-    """
-    height, width = x.shape[-2:]
-    target_h = math.ceil(height / multiple_h) * multiple_h
-    target_w = math.ceil(width / multiple_w) * multiple_w
-    while True:
-        height, width = x.shape[-2:]
-        need_h, need_w = target_h - height, target_w - width
-        if need_h == 0 and need_w == 0:
-            return x
-        if (need_h and height == 1) or (need_w and width == 1):
-            grow_h, grow_w = int(need_h > 0 and height == 1), int(need_w > 0 and width == 1)
-            x = F.pad(x, (0, grow_w, 0, grow_h), mode="replicate")
-            continue
-        x = F.pad(x, (0, min(need_w, width - 1), 0, min(need_h, height - 1)), mode="reflect")
 
 
 class MeanShift(nn.Module):

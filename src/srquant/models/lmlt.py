@@ -11,29 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srquant.models.padding import reflect_pad_to
+
 TINY_KWARGS: dict[str, int | float] = {"dim": 8, "n_blocks": 2, "ffn_scale": 1.0}
 """Small configuration (a few thousand parameters, same code path) for tests; pass ``scale`` separately."""
-
-
-def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-pad the bottom and right of ``x`` up to a multiple, as the original ``check_img_size`` does.
-
-    Inputs smaller than the padding are reflected repeatedly (a 1-pixel side is replicated once first), so any
-    size works; where a single reflection suffices this equals the original exactly.
-    """
-    height, width = x.shape[-2:]
-    target_h = -(-height // multiple) * multiple
-    target_w = -(-width // multiple) * multiple
-    while True:
-        height, width = x.shape[-2:]
-        need_h, need_w = target_h - height, target_w - width
-        if need_h == 0 and need_w == 0:
-            return x
-        if (need_h and height == 1) or (need_w and width == 1):
-            grow_w, grow_h = int(need_w > 0 and width == 1), int(need_h > 0 and height == 1)
-            x = F.pad(x, (0, grow_w, 0, grow_h), mode="replicate")
-            continue
-        x = F.pad(x, (0, min(need_w, width - 1), 0, min(need_h, height - 1)), mode="reflect")
 
 
 class ChannelsFirstLayerNorm(nn.Module):
@@ -187,6 +168,6 @@ class LMLT(nn.Module):
         are cropped back to H x W before the reconstruction conv.
         """
         height, width = x.shape[-2:]
-        feat = self.to_feat(reflect_pad_to_multiple(x, self.pad_multiple))
+        feat = self.to_feat(reflect_pad_to(x, self.pad_multiple, self.pad_multiple))
         feat = self.feats(feat) + feat
         return self.to_img(feat[:, :, :height, :width])
