@@ -48,6 +48,15 @@ def load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def update_json(path: Path, key: str, value: object) -> dict:
+    """Add one finished cell to a results file, re-reading it first so parallel workers do not overwrite
+    each other's cells; returns the merged results."""
+    data = load_json(path)
+    data[key] = value
+    save_json(path, data)
+    return data
+
+
 def save_json(path: Path, data: dict) -> None:
     """Write results atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)

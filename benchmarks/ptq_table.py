@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS, header, load_json, save_json
+from common import RESULTS, header, load_json, update_json
 
 from srquant import evaluate, load_model
 from srquant.methods.pipeline import METHODS, quantize_model
@@ -74,24 +74,23 @@ def main() -> None:
     parser.add_argument("--assets", default=None)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--only", default=None, help="comma list of name:bits cells to run (default: the plan)")
+    parser.add_argument("--table-only", action="store_true", help="write the table from the results file")
     args = parser.parse_args()
     plan = [(n, int(b)) for n, b in (c.split(":") for c in args.only.split(","))] if args.only else PLAN
     store = RESULTS / f"ptq_{args.preset}.json"
     done = load_json(store)
-    for name, bits in plan:
+    for name, bits in [] if args.table_only else plan:
         if f"{name}|fp" not in done:
-            done[f"{name}|fp"] = fp_scores(name, args.assets)
-            save_json(store, done)
+            done = update_json(store, f"{name}|fp", fp_scores(name, args.assets))
         for method in METHODS:
             key = f"{name}|W{bits}A{bits}|{method}"
-            if key in done:
+            if key in load_json(store):
                 continue
-            done[key] = run_cell(name, bits, method, args.assets, args.preset)
-            save_json(store, done)
-            cell = done[key]
+            cell = run_cell(name, bits, method, args.assets, args.preset)
+            done = update_json(store, key, cell)
             s5 = cell["scores"]["Set5"]["psnr"]
             print(f"{key:<28} Set5 {s5:.2f}  calib {cell['calib_seconds']:.0f}s", flush=True)
-    write_table(done, args.preset)
+    write_table(load_json(store), args.preset)
 
 
 def write_table(done: dict, preset: str) -> None:

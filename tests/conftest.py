@@ -1,15 +1,19 @@
-"""Shared test fixtures: where the shipped assets are, and a private cache for generated files."""
+"""Shared test fixtures: where the shipped assets are, a private cache for generated files, hook counters."""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from srquant.metrics.complexity import HOOK_NAMES
 
 ASSETS = Path(os.environ.get("SRQUANT_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets")
 HAVE_ASSETS = (ASSETS / "weights").is_dir() and (ASSETS / "datasets").is_dir()
@@ -29,6 +33,50 @@ def assets() -> Path:
     if not HAVE_ASSETS:
         pytest.skip(SKIP_REASON)
     return ASSETS
+
+
+class CallCounter(nn.Module):
+    """Identity that counts how often it is called, to check where an attention hook sits."""
+
+    def __init__(self) -> None:
+        """Start at zero calls."""
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Count the call and pass ``x`` through unchanged."""
+        self.calls += 1
+        return x
+
+
+HookCounters = list[dict[str, CallCounter]]
+
+
+def _count_hook_calls(model: nn.Module, attention_type: type[nn.Module]) -> HookCounters:
+    """Replace the identity hooks of every ``attention_type`` module in ``model`` by call counters.
+
+    Returns, per attention module in ``model.modules()`` order, its counters keyed by hook name
+    (``srquant.metrics.complexity.HOOK_NAMES``). Each hook must still be the ``nn.Identity`` the contract asks for.
+    """
+    counters: HookCounters = []
+    for module in model.modules():
+        if not isinstance(module, attention_type):
+            continue
+        own = {}
+        for name in HOOK_NAMES:
+            hook = getattr(module, name)
+            assert isinstance(hook, nn.Identity), f"{type(module).__name__}.{name} is {type(hook).__name__}"
+            own[name] = CallCounter()
+            setattr(module, name, own[name])
+        counters.append(own)
+    assert counters, f"no {attention_type.__name__} in {type(model).__name__}"
+    return counters
+
+
+@pytest.fixture
+def count_hook_calls() -> Callable[[nn.Module, type[nn.Module]], HookCounters]:
+    """``count(model, attention_type)``: swap the q/k/v/attn identity hooks for counters and return them."""
+    return _count_hook_calls
 
 
 @pytest.fixture

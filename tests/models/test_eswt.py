@@ -1,12 +1,12 @@
 """Tests for the ESWT architecture: shapes with window padding, checkpoint compatibility, attention hooks."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from srquant.metrics.complexity import HOOK_NAMES
 from srquant.models.eswt import ESWT, TINY_KWARGS, StripedWindowAttention
 
 FULL_KWARGS = {
@@ -21,11 +21,6 @@ FULL_KWARGS = {
     "window_list": ((24, 6), (6, 24)),
     "shift_list": ((12, 3), (3, 12)),
 }
-
-
-def assets_dir() -> Path:
-    """The shared asset folder: $SRQUANT_ASSETS, else ../shared/assets next to the repository."""
-    return Path(os.environ.get("SRQUANT_ASSETS", Path(__file__).parents[3] / "shared" / "assets"))
 
 
 def tiny(scale: int = 2) -> ESWT:
@@ -63,43 +58,25 @@ def test_hooks_add_no_state() -> None:
     attention = [m for m in model.modules() if isinstance(m, StripedWindowAttention)]
     assert attention
     for module in attention:
-        for hook in ("q_hook", "k_hook", "v_hook", "attn_hook"):
+        for hook in HOOK_NAMES:
             assert isinstance(getattr(module, hook), nn.Identity)
     assert not any("hook" in key for key in model.state_dict())
 
 
-class CountingIdentity(nn.Module):
-    """Identity that counts its calls."""
-
-    def __init__(self) -> None:
-        """Start at zero calls."""
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Count and pass through."""
-        self.calls += 1
-        return x
-
-
-def test_each_hook_called_once_per_attention() -> None:
+def test_each_hook_called_once_per_attention(count_hook_calls) -> None:
     """Every attention module calls each of its four hooks exactly once per forward."""
     model = tiny()
     x = torch.rand(1, 3, 13, 17)
     with torch.no_grad():
         reference = model(x)
     attention = [m for m in model.modules() if isinstance(m, StripedWindowAttention)]
-    counters = {}
-    for index, module in enumerate(attention):
-        for hook in ("q_hook", "k_hook", "v_hook", "attn_hook"):
-            counter = CountingIdentity()
-            setattr(module, hook, counter)
-            counters[index, hook] = counter
+    counters = count_hook_calls(model, StripedWindowAttention)
     with torch.no_grad():
         out = model(x)
     assert torch.equal(out, reference)
-    assert len(counters) == 4 * len(attention)
-    assert all(counter.calls == 1 for counter in counters.values())
+    assert len(counters) == len(attention)
+    assert all(hooks.keys() == set(HOOK_NAMES) for hooks in counters)
+    assert all(counter.calls == 1 for hooks in counters for counter in hooks.values())
 
 
 def test_hooks_see_operands() -> None:
@@ -131,11 +108,9 @@ def test_full_parameter_count() -> None:
 
 
 @pytest.mark.assets
-def test_full_state_dict_matches_checkpoint() -> None:
+def test_full_state_dict_matches_checkpoint(assets: Path) -> None:
     """The state-dict keys equal the checkpoint's `params` keys and the weights load strictly."""
-    path = assets_dir() / "weights" / "ESWT-24-6_LSR_x4.pth"
-    if not path.is_file():
-        pytest.skip(f"ESWT checkpoint not found at {path}: set SRQUANT_ASSETS to the shared asset folder")
+    path = assets / "weights" / "ESWT-24-6_LSR_x4.pth"
     params = torch.load(path, map_location="cpu", weights_only=True)["params"]
     model = ESWT(**FULL_KWARGS)
     assert set(model.state_dict()) == set(params)

@@ -1,6 +1,5 @@
 """Tests of the IMDN and CARN-M zoo architectures: shapes, checkpoint compatibility, a real forward pass."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,27 +10,21 @@ from torch import nn
 
 from srquant.models import carn, imdn
 
-ASSETS = Path(os.environ.get("SRQUANT_ASSETS") or Path(__file__).parents[3] / "shared" / "assets")
-NEEDS_ASSETS = pytest.mark.skipif(
-    not (ASSETS / "weights").is_dir(),
-    reason=f"pretrained weights not found under {ASSETS}; set SRQUANT_ASSETS to the shared asset directory",
-)
-
 TINY = [(imdn.IMDN, imdn.TINY_KWARGS), (carn.CARNM, carn.TINY_KWARGS)]
 SCALES = (2, 3, 4)
 
 
-def _checkpoint(name: str) -> dict[str, torch.Tensor]:
+def _checkpoint(assets: Path, name: str) -> dict[str, torch.Tensor]:
     """Load a shipped checkpoint with the `module.` prefix (IMDN's DataParallel leftover) stripped."""
-    state = torch.load(ASSETS / "weights" / name, map_location="cpu", weights_only=True)
+    state = torch.load(assets / "weights" / name, map_location="cpu", weights_only=True)
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def _full_model(network: str, scale: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _full_model(assets: Path, network: str, scale: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Build the pretrained configuration of ``network`` and return it with its checkpoint."""
     if network == "imdn":
-        return imdn.IMDN(scale=scale), _checkpoint(f"IMDN_x{scale}.pth")
-    return carn.CARNM(scale=scale), _checkpoint("carn_m.pth")
+        return imdn.IMDN(scale=scale), _checkpoint(assets, f"IMDN_x{scale}.pth")
+    return carn.CARNM(scale=scale), _checkpoint(assets, "carn_m.pth")
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -65,27 +58,25 @@ def test_carn_rejects_unsupported_scale() -> None:
         carn.CARNM(scale=8)
 
 
-@NEEDS_ASSETS
 @pytest.mark.assets
 @pytest.mark.parametrize(("network", "scale"), [("imdn", 2), ("imdn", 3), ("imdn", 4), ("carn_m", 4)])
-def test_state_dict_matches_checkpoint(network: str, scale: int) -> None:
+def test_state_dict_matches_checkpoint(assets: Path, network: str, scale: int) -> None:
     """The full-size model's state-dict keys and shapes equal the checkpoint's, so it loads strictly."""
-    model, state = _full_model(network, scale)
+    model, state = _full_model(assets, network, scale)
     own = model.state_dict()
     assert set(own) == set(state)
     assert {k: tuple(v.shape) for k, v in own.items()} == {k: tuple(v.shape) for k, v in state.items()}
     model.load_state_dict(state, strict=True)
 
 
-@NEEDS_ASSETS
 @pytest.mark.assets
 @pytest.mark.parametrize("network", ["imdn", "carn_m"])
-def test_real_x4_forward_on_set5(network: str) -> None:
+def test_real_x4_forward_on_set5(assets: Path, network: str) -> None:
     """The pretrained x4 model super-resolves a Set5 image to a finite output close to the ground truth."""
-    set5 = ASSETS / "datasets" / "Set5"
+    set5 = assets / "datasets" / "Set5"
     lr = np.asarray(Image.open(set5 / "LR_bicubic" / "X4" / "birdx4.png").convert("RGB"))
     hr = np.asarray(Image.open(set5 / "HR" / "bird.png").convert("RGB"), dtype=np.float64) / 255
-    model, state = _full_model(network, 4)
+    model, state = _full_model(assets, network, 4)
     model.load_state_dict(state, strict=True)
     x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():

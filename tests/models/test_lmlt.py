@@ -1,32 +1,15 @@
 """Tests for the LMLT architecture: shapes with padding, checkpoint key compatibility, attention hooks."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from srquant.models.lmlt import LMLT, TINY_KWARGS, WindowAttention, reflect_pad_to_multiple
+from srquant.models.lmlt import LMLT, TINY_KWARGS, WindowAttention
+from srquant.models.padding import reflect_pad_to
 
-ASSETS = Path(os.environ.get("SRQUANT_ASSETS", Path(__file__).parents[3] / "shared" / "assets"))
 CHECKPOINTS = {2: "LMLT_tiny_x2.pth", 3: "LMLT_tiny_x3_new.pth", 4: "LMLT_tiny_x4_new.pth"}
-HOOK_NAMES = ("q_hook", "k_hook", "v_hook", "attn_hook")
-
-
-class CallCounter(nn.Module):
-    """Identity that counts how often it is called, to check where the hooks sit."""
-
-    def __init__(self) -> None:
-        """Start at zero calls."""
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Count the call and pass ``x`` through unchanged."""
-        self.calls += 1
-        return x
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -47,35 +30,27 @@ def test_padding_matches_single_reflect_when_possible() -> None:
     """Where one reflection suffices, the padding is the original's bottom/right reflect padding."""
     x = torch.rand(1, 3, 40, 57)
     expected = F.pad(x, (0, 7, 0, 24), mode="reflect")
-    assert torch.equal(reflect_pad_to_multiple(x, 64), expected)
-    assert reflect_pad_to_multiple(torch.rand(1, 3, 1, 5), 64).shape == (1, 3, 64, 64)
+    assert torch.equal(reflect_pad_to(x, 64, 64), expected)
+    assert reflect_pad_to(torch.rand(1, 3, 1, 5), 64, 64).shape == (1, 3, 64, 64)
 
 
-def test_hooks_called_once_per_attention() -> None:
+def test_hooks_called_once_per_attention(count_hook_calls) -> None:
     """Each of the four hooks runs exactly once per attention module per forward pass and holds no state."""
     model = LMLT(**TINY_KWARGS, scale=2).eval()
     keys_before = set(model.state_dict())
-    attentions = [m for m in model.modules() if isinstance(m, WindowAttention)]
-    assert len(attentions) == TINY_KWARGS["n_blocks"] * 4
-    counters = []
-    for attention in attentions:
-        for name in HOOK_NAMES:
-            counter = CallCounter()
-            setattr(attention, name, counter)
-            counters.append(counter)
+    counters = count_hook_calls(model, WindowAttention)
+    assert len(counters) == TINY_KWARGS["n_blocks"] * 4
     assert set(model.state_dict()) == keys_before
     with torch.no_grad():
         model(torch.rand(1, 3, 13, 17))
-    assert [c.calls for c in counters] == [1] * len(counters)
+    assert [c.calls for hooks in counters for c in hooks.values()] == [1] * 4 * len(counters)
 
 
 @pytest.mark.assets
 @pytest.mark.parametrize("scale", [2, 3, 4])
-def test_full_size_keys_match_checkpoint(scale: int) -> None:
+def test_full_size_keys_match_checkpoint(assets: Path, scale: int) -> None:
     """The Tiny configuration's state-dict keys and shapes equal the released checkpoint's ``params``."""
-    path = ASSETS / "weights" / CHECKPOINTS[scale]
-    if not path.is_file():
-        pytest.skip(f"LMLT checkpoint not found at {path}; set SRQUANT_ASSETS to the asset directory")
+    path = assets / "weights" / CHECKPOINTS[scale]
     params = torch.load(path, map_location="cpu", weights_only=True)["params"]
     model = LMLT(dim=36, n_blocks=8, ffn_scale=2.0, scale=scale)
     state = model.state_dict()

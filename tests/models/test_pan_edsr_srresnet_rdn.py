@@ -1,6 +1,5 @@
 """Tests of the PAN, EDSR-baseline, SRResNet and RDN zoo architectures: tiny variants, names, sizes."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -8,8 +7,6 @@ import torch
 from torch import nn
 
 from srquant.models import edsr, pan, rdn, srresnet
-
-ASSETS = Path(os.environ.get("SRQUANT_ASSETS", Path(__file__).parents[3] / "shared" / "assets"))
 
 ARCHITECTURES = [
     pytest.param(pan, pan.PAN, id="pan"),
@@ -45,11 +42,9 @@ def test_tiny_variant_output_shape_and_attributes(module, cls, scale: int) -> No
 
 @pytest.mark.assets
 @pytest.mark.parametrize("scale", [2, 3, 4])
-def test_pan_state_dict_keys_equal_checkpoint(scale: int) -> None:
+def test_pan_state_dict_keys_equal_checkpoint(assets: Path, scale: int) -> None:
     """Full-size PAN has exactly the released checkpoint's keys and shapes, and loads it strictly."""
-    path = ASSETS / "weights" / f"PANx{scale}_DF2K.pth"
-    if not path.is_file():
-        pytest.skip(f"PAN checkpoint not found at {path}; set SRQUANT_ASSETS to the shared asset directory")
+    path = assets / "weights" / f"PANx{scale}_DF2K.pth"
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = pan.PAN(3, 3, nf=40, unf=24, nb=16, scale=scale)
     own = model.state_dict()

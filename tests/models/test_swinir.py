@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 
+from srquant.metrics.complexity import HOOK_NAMES
 from srquant.models.swinir import (
     TINY_KWARGS,
     SwinIR,
@@ -11,22 +11,6 @@ from srquant.models.swinir import (
     pad_like_official_test,
     shifted_window_mask,
 )
-
-HOOK_NAMES = ("q_hook", "k_hook", "v_hook", "attn_hook")
-
-
-class CallCounter(nn.Module):
-    """Identity that counts how often it is called, to check where the hooks sit."""
-
-    def __init__(self) -> None:
-        """Start at zero calls."""
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Count the call and pass ``x`` through unchanged."""
-        self.calls += 1
-        return x
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -102,23 +86,19 @@ def test_stored_mask_equals_runtime_mask() -> None:
     assert set(stored.unique().tolist()) == {0.0, -100.0}
 
 
-def test_hooks_called_once_per_attention() -> None:
+def test_hooks_called_once_per_attention(count_hook_calls) -> None:
     """Each of the four hooks runs exactly once per attention module per forward pass."""
     torch.manual_seed(0)
     model = SwinIR(scale=2, **TINY_KWARGS).eval()
-    attentions = [m for m in model.modules() if isinstance(m, WindowAttention)]
-    assert len(attentions) == sum(TINY_KWARGS["depths"])
     keys_before = set(model.state_dict())
-    for attention in attentions:
-        for name in HOOK_NAMES:
-            assert isinstance(getattr(attention, name), nn.Identity)
-            setattr(attention, name, CallCounter())
+    counters = count_hook_calls(model, WindowAttention)  # also checks each hook was an nn.Identity
+    assert len(counters) == sum(TINY_KWARGS["depths"])
     assert set(model.state_dict()) == keys_before
     with torch.no_grad():
         model(torch.rand(1, 3, 11, 6))
         model(torch.rand(2, 3, 12, 12))
-    for attention in attentions:
-        assert [getattr(attention, name).calls for name in HOOK_NAMES] == [2, 2, 2, 2]
+    for hooks in counters:
+        assert [hooks[name].calls for name in HOOK_NAMES] == [2, 2, 2, 2]
 
 
 def test_state_dict_round_trip() -> None:
