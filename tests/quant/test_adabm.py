@@ -1,0 +1,221 @@
+"""AdaBM on tiny models: adaptive bits (values and gradients), Image2Bit, Layer2Bit, BaC, guard, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srquant.errors import SrquantError
+from srquant.methods.adabm import (
+    ADABM_PRESETS,
+    AdaBMConfig,
+    BitController,
+    _grid_errors,
+    accounting_bits,
+    attach_controller,
+    bit_aware_clipping,
+    bit_report,
+    calibrate_adabm,
+    get_adabm_preset,
+    image_complexity,
+    run_adabm,
+)
+from srquant.metrics.complexity import bitops
+from srquant.models.registry import REGISTRY, build_model
+from srquant.quant.accounting import ops_report
+from srquant.quant.calibrators import quant_error
+from srquant.quant.quantize import fp_mode, quantize_
+from srquant.quant.quantizers import QuantMode
+from srquant.quant.spec import QuantSpec, matches
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the tiny tensors here gain nothing from threads and stall on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+SMALL = AdaBMConfig(epochs=3, iterations=3, batch_size=2, crop=16, calib_count=8, calib_batch=4, guard_seed_batches=4)
+
+
+def _smooth(n: int, size: int = 16, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Low-frequency random crops (upsampled 4x4 noise) plus a little texture: a spread of complexities."""
+    base = F.interpolate(torch.rand(n, 3, 4, 4, generator=gen), size=(size, size), mode="bilinear")
+    amount = torch.rand(n, 1, 1, 1, generator=gen) * 0.2
+    return (base + amount * (torch.rand(n, 3, size, size, generator=gen) - 0.5)).clamp(0, 1)
+
+
+def _sampler(seed: int = 0, size: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda n: _smooth(n, size, gen)
+
+
+def _run(name: str = "imdn", config: AdaBMConfig = SMALL, seed: int = 0, sampler=None, **kwargs):
+    torch.manual_seed(seed)
+    model = build_model(name, 2, tiny=True).eval()
+    result = run_adabm(model, REGISTRY[name].layout, 4, 4, sampler or _sampler(seed), config, **kwargs)
+    return model, result
+
+
+def _calibrated(name: str = "imdn") -> tuple[torch.nn.Module, BitController]:
+    """A tiny model quantized W4A4, calibrated by AdaBM's statistics, with its controller attached."""
+    torch.manual_seed(0)
+    model = build_model(name, 2, tiny=True).eval()
+    layout = REGISTRY[name].layout
+    report = quantize_(model, QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False), layout)
+    controller = BitController([n for n in report.layers if matches(n, layout.body)], 4)
+    gen = torch.Generator().manual_seed(0)
+    calibrate_adabm(model, controller, [_smooth(8, gen=gen) for _ in range(2)], SMALL)
+    attach_controller(model, controller)
+    return model, controller
+
+
+def test_bits_are_hard_forward_and_gradients_reach_thresholds_and_measures() -> None:
+    model, controller = _calibrated()
+    x = torch.cat([torch.zeros(1, 3, 16, 16) + 0.5, torch.rand(1, 3, 16, 16), _smooth(2)])
+    bits = controller(x)
+    assert torch.equal(bits, bits.round()) and bits.min() >= 2 and bits.max() <= 6
+    model(x).abs().mean().backward()
+    q = model.get_submodule(controller.layer_names[0]).input_quantizer
+    assert q.mode is QuantMode.QUANT and torch.equal(q.bits_override.flatten(), bits[:, 0].detach())
+    assert controller.measure_layer.grad is not None and controller.measure_layer.grad.abs().sum() > 0
+    img_grad = controller.measure_l.grad.abs() + controller.measure_u.grad.abs()
+    assert img_grad > 0
+
+
+def test_image2bit_flat_is_minus_one_and_noise_is_plus_one() -> None:
+    _, controller = _calibrated()
+    assert 0 < controller.measure_l < controller.measure_u
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    noisy = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert image_complexity(flat).item() < 1e-3  # float rounding only
+    assert controller.image_bits(flat).item() == -1 and controller.image_bits(noisy).item() == 1
+
+
+def test_layer2bit_gives_bottom_30_percent_minus_one_and_top_30_percent_plus_one() -> None:
+    _, controller = _calibrated()
+    n = len(controller.layer_names)
+    assert n == 10  # tiny IMDN: 2 blocks x 5 convs
+    order = controller.sensitivity.argsort()
+    measures = controller.measure_layer.detach()[order]
+    assert measures.tolist() == [-1.0] * 3 + [0.0] * 4 + [1.0] * 3
+
+
+def test_bit_aware_clipping_changes_bounds() -> None:
+    model, controller = _calibrated()
+    qs = [model.get_submodule(n).input_quantizer for n in controller.layer_names]
+    before = [(q.lower_bound.item(), q.upper_bound.item()) for q in qs]
+    bit_aware_clipping(model, controller, _smooth(2), SMALL)
+    after = [(q.lower_bound.item(), q.upper_bound.item()) for q in qs]
+    assert after != before
+    assert all(a[1] - a[0] <= b[1] - b[0] + 1e-6 for a, b in zip(after, before, strict=True))  # ranges only shrink
+
+
+def test_run_trains_in_phases_and_reports_fab_and_bitops() -> None:
+    model, result = _run()
+    assert result.phases == ["weight"] * 3 + ["activation"] * 3 + ["bit"] * 3 and not result.rollbacks
+    assert not model.training and all(math.isfinite(v) for v in result.losses)
+    x = _smooth(3)
+    report = bit_report(result.controller, x)
+    assert set(report.per_layer) == set(result.adaptive_layers)
+    values = [b for bits in report.per_layer.values() for b in bits]
+    assert all(2 <= b <= 6 for b in values)
+    assert report.fab == pytest.approx(sum(values) / len(values))
+    single = x[:1]
+    bits = accounting_bits(model, result.controller, single)
+    one = bit_report(result.controller, single)
+    assert all(bits[name][1] == one.per_layer[name][0] for name in result.adaptive_layers)
+    ops = ops_report(model, 2, (16, 16))
+    assert bitops(ops, bits) > 0
+    assert not any("measure" in k for k in model.state_dict())  # bit state is the method's, not the model's
+    state = result.controller.state_dict()
+    fresh = BitController(result.adaptive_layers, 4)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), result.controller(x))
+
+
+def test_same_seed_gives_identical_bits_and_outputs() -> None:
+    model_a, result_a = _run(seed=1)
+    model_b, result_b = _run(seed=1)
+    x = _smooth(2, gen=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model_a(x), model_b(x))
+    assert bit_report(result_a.controller, x).per_layer == bit_report(result_b.controller, x).per_layer
+    assert result_a.losses == result_b.losses
+
+
+def test_weight_bound_blow_up_is_rolled_back_to_a_usable_model() -> None:
+    config = dataclasses.replace(SMALL, epochs=1, iterations=8, lr_w=1e6, max_rollbacks=3)
+    model, result = _run(config=config)
+    assert result.rollbacks and "learning rate halved" in result.rollbacks[0]
+    x = _smooth(2, gen=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = model(x)
+        with fp_mode(model):
+            ref = model(x)
+    assert torch.isfinite(out).all()
+    assert F.l1_loss(out, ref) < 0.5 * ref.abs().mean()
+
+
+def test_nan_loss_is_rolled_back_and_recorded() -> None:
+    inputs = _sampler()
+    calls = {"n": 0}
+
+    def poisoned(n: int) -> torch.Tensor:
+        calls["n"] += 1
+        batch = inputs(n)
+        if calls["n"] in (6, 7):  # after 2 calibration batches and the BaC batch: fine-tuning steps 3 and 4
+            batch[0, 0, 0, 0] = float("nan")
+        return batch
+
+    model, result = _run(config=dataclasses.replace(SMALL, epochs=1, iterations=6), sampler=poisoned)
+    assert len(result.rollbacks) == 2 and "restored" in result.rollbacks[0]
+    params = [p for p in model.parameters()] + list(result.controller.parameters())
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_config_validation_and_presets() -> None:
+    assert ADABM_PRESETS["paper"].epochs * ADABM_PRESETS["paper"].iterations == 500
+    assert get_adabm_preset("cpu", epochs=2).epochs == 2
+    with pytest.raises(SrquantError):
+        AdaBMConfig(lr_w=0)
+    with pytest.raises(SrquantError):
+        get_adabm_preset("nope")
+    with pytest.raises(SrquantError):
+        run_adabm(build_model("imdn", 2, tiny=True), REGISTRY["imdn"].layout, 4, 2, _sampler(), SMALL)
+
+
+def test_bac_grid_errors_match_the_reference_quantizer_error() -> None:
+    x = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    errors = _grid_errors(x, -2.0, 3.0, 3, 100)
+    one = torch.ones(())
+    expected = [float(quant_error(x, one, -2.0 * (1 - 0.01 * i), 3.0 * (1 - 0.01 * i), 3)) for i in range(100)]
+    assert errors.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_batchnorm_statistics_never_change_and_the_model_stays_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    model = build_model("srresnet", 2, tiny=True).eval()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    result = run_adabm(model, REGISTRY["srresnet"].layout, 4, 4, _sampler(), SMALL)
+    assert not model.training and result.losses
+    after = model.state_dict()
+    assert stats and all(torch.equal(after[k], v) for k, v in stats.items())
+
+
+def test_full_mode_fixes_head_and_tail_at_w8a8_and_unused_branches_stay_fp() -> None:
+    model, result = _run("carn-m", config=dataclasses.replace(SMALL, epochs=1, iterations=2), full=True)
+    fixed = {n: b for n, b in result.report.layers.items() if n not in result.adaptive_layers}
+    assert fixed and all(b == (8, 8) for b in fixed.values())
+    unused = model.get_submodule("upsample.up3.body.0").input_quantizer
+    assert unused.mode is QuantMode.FP  # the x3 branch of the multi-scale upsampler never runs at x2
+    with torch.no_grad():
+        assert torch.isfinite(model(_smooth(1))).all()
