@@ -17,6 +17,7 @@ from srquant.data.io import to_tensor, to_uint8
 from srquant.errors import SrquantError
 from srquant.metrics.psnr_ssim import get_convention, psnr_y, ssim_y
 from srquant.models.inference import upscale
+from srquant.runtime import release_memory
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def evaluate_dataset(
             scores[name].append(
                 ImageScore(pair.name, psnr_y(sr, pair.hr, scale, name), ssim_y(sr, pair.hr, scale, name))
             )
+        release_memory()  # bounded memory across images of different sizes (see srquant.runtime)
     seconds = time.perf_counter() - start
     return [
         DatasetResult(
