@@ -15,6 +15,8 @@ from srquant import api
 from srquant.assets import asset_dir
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
+from srquant.methods.adabm import BitController
+from srquant.methods.dynamic import per_image_metrics, restore_dynamic
 from srquant.methods.pipeline import METHODS, PRESETS, quantize_model
 from srquant.models.registry import REGISTRY, checkpoint_path, get_entry
 from srquant.quant.accounting import layer_bits, model_cost
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--convention", type=_comma_list, default=["basicsr"], help="basicsr, edsr, or both: basicsr,edsr")
     ev.add_argument("--json", type=Path, help="write the results to this JSON file")
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ev.add_argument("--bits-json", type=Path, help="dynamic-bit models: write each image's per-layer bits here")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="calibration schedule (default: cpu)")
     qz.add_argument("--full", action="store_true", help="also run head/upsampler/tail at W8A8 (fully quantized)")
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
-    qz.add_argument("--iterations", type=int, help="override the preset's DQC iterations")
+    qz.add_argument("--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch)")
     qz.add_argument("--batch-size", type=_positive_int, help="override the preset's DQC batch size")
     qz.add_argument("--seed", type=int, help="override the preset's data seed")
     qz.add_argument("--weights", help="start from this float checkpoint instead of the registry's")
@@ -104,17 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(results: Sequence[DatasetResult]) -> str:
-    """A plain-text table of results, each row labelled with its convention."""
-    lines = [f"{'dataset':<10} {'conv':<8} {'PSNR':>8} {'SSIM':>7} {'images':>6} {'seconds':>8}"]
+    """A plain-text table of results, each row labelled with its convention (FAB, BitOPs when measured)."""
+    head = ("dataset", "conv", "PSNR", "SSIM", "images", "seconds", "FAB", "GBitOPs")
+    lines = ["{:<10} {:<8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>8}".format(*head)]
     for r in results:
-        lines.append(
-            f"{r.dataset:<10} {r.convention:<8} {r.psnr:>8.4f} {r.ssim:>7.4f} {r.images:>6d} {r.seconds:>8.1f}"
-        )
+        fab = f"{r.extras['fab']:.2f}" if "fab" in r.extras else "-"
+        bops = f"{r.extras['bitops_g']:.2f}" if "bitops_g" in r.extras else "-"
+        row = (r.dataset, r.convention, f"{r.psnr:.4f}", f"{r.ssim:.4f}", r.images, f"{r.seconds:.1f}", fab, bops)
+        lines.append("{:<10} {:<8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>8}".format(*row))
     return "\n".join(lines)
 
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """A zoo model by name, or a quantized checkpoint file; returns (model, label)."""
+def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str, BitController | None]:
+    """A zoo model by name, or a quantized checkpoint file; returns (model, label, dynamic bit controller)."""
     path = Path(args.model)
     if path.suffix in (".pt", ".pth") or path.is_file():
         if args.weights:
@@ -122,23 +127,38 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str]:
         model, record = load_quantized(path)
         if int(record["scale"]) != args.scale:
             raise SrquantError(f"{path} is a x{record['scale']} model, but x{args.scale} was asked for")
-        return model, f"{record['model']} ({path.name}, {record['meta'].get('method', '?')})"
-    return api.load_model(args.model, args.scale, args.assets, args.weights, args.download), args.model
+        controller = restore_dynamic(model, record)
+        return model, f"{record['model']} ({path.name}, {record['meta'].get('method', '?')})", controller
+    return api.load_model(args.model, args.scale, args.assets, args.weights, args.download), args.model, None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, label = _load_for_eval(args)
-    results = api.evaluate(
-        model, args.datasets, args.scale, args.convention, args.assets, args.tile, progress=not args.no_progress
-    )
+    model, label, controller = _load_for_eval(args)
+    bit_logs: dict[str, dict[str, object]] = {}
+    results = []
+    for dataset in args.datasets:
+        measure = None
+        if controller is not None:
+            measure = per_image_metrics(model, controller, args.scale, bit_logs.setdefault(dataset, {}))
+        results += api.evaluate(
+            model, [dataset], args.scale, args.convention, args.assets, args.tile, not args.no_progress, measure
+        )
     cost = model_cost(model, args.scale)
     bits = layer_bits(model)
     w_bits = max((w for w, _ in bits.values()), default=32)
     a_bits = max((a for _, a in bits.values()), default=32)
     for result in results:
-        result.extras.update({"wbits": w_bits, "abits": a_bits, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g})
-    print(f"{label} x{args.scale}: W{w_bits}A{a_bits}, {cost.size_mb:.3f} MB, {cost.bitops_g:.2f} G BitOPs")
+        fixed = {"wbits": w_bits, "abits": a_bits, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g}
+        result.extras = {**fixed, **result.extras}  # a dynamic model's measured FAB / BitOPs take precedence
+    kind = f"dynamic around A{controller.base_bits}" if controller is not None else f"W{w_bits}A{a_bits}"
+    print(f"{label} x{args.scale}: {kind}, {cost.size_mb:.3f} MB")
     print(format_table(results))
+    if args.bits_json:
+        if controller is None:
+            raise SrquantError("--bits-json needs a dynamic-bit model (quantized with --method adabm)")
+        args.bits_json.parent.mkdir(parents=True, exist_ok=True)
+        args.bits_json.write_text(json.dumps(bit_logs, indent=1) + "\n")
+        print(f"wrote {args.bits_json}")
     if args.json:
         record = {
             "model": args.model,
@@ -182,12 +202,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "settings": result.settings,
         "quantized": result.report.summary(),
     }
-    if result.dqc is not None:
-        meta["dqc_rollbacks"] = result.dqc.rollbacks
-        meta["dqc_final_loss"] = result.dqc.losses[-1] if result.dqc.losses else None
-        for note in result.dqc.rollbacks:
-            print(f"divergence guard: {note}")
-    size = save_quantized(model, args.output, entry.name, spec, meta)
+    meta["rollbacks"] = result.rollbacks
+    for note in result.rollbacks:
+        print(f"divergence guard: {note}")
+    size = save_quantized(model, args.output, entry.name, result.spec, meta, result.dynamic)
     print(f"{entry.name} x{args.scale} {args.method} W{args.wbits}A{args.abits}: {result.report.summary()}")
     print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")
     return 0
@@ -200,7 +218,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    model, _ = _load_for_eval(args)
+    model, _, _ = _load_for_eval(args)
     api.upscale_file(model, args.input, args.output, args.tile)
     print(f"wrote {args.output}")
     return 0

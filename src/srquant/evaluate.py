@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,12 @@ def evaluate_dataset(
     conventions: Sequence[str] = ("basicsr",),
     tile: int | None = None,
     progress: bool = True,
+    per_image: Callable[[str, torch.Tensor], dict[str, float]] | None = None,
 ) -> list[DatasetResult]:
-    """Run the model once on every LR image of a set; score it under each named convention."""
+    """Run the model once on every LR image of a set; score it under each named convention.
+
+    `per_image(name, lr)` may add numbers measured per image (FAB, BitOPs of dynamic methods); they are averaged.
+    """
     if isinstance(conventions, str):
         conventions = (conventions,)
     for name in conventions:
@@ -74,11 +78,15 @@ def evaluate_dataset(
     check_scale(model, scale)
     model.eval()
     scores: dict[str, list[ImageScore]] = {name: [] for name in conventions}
+    measured: dict[str, list[float]] = {}
     start = time.perf_counter()
     pairs = dataset.iter_pairs(scale)
     bar = tqdm(pairs, total=len(dataset), desc=f"{dataset.name} x{scale}", disable=not progress, leave=False)
     for pair in bar:
-        sr = to_uint8(upscale(model, to_tensor(pair.lr), tile=tile))
+        lr = to_tensor(pair.lr)
+        sr = to_uint8(upscale(model, lr, tile=tile))
+        for key, value in (per_image(pair.name, lr) if per_image else {}).items():
+            measured.setdefault(key, []).append(value)
         for name in conventions:
             scores[name].append(
                 ImageScore(pair.name, psnr_y(sr, pair.hr, scale, name), ssim_y(sr, pair.hr, scale, name))
@@ -95,6 +103,7 @@ def evaluate_dataset(
             images=len(per),
             seconds=seconds,
             per_image=per,
+            extras={key: sum(values) / len(values) for key, values in measured.items()},
         )
         for name, per in scores.items()
     ]
@@ -108,7 +117,8 @@ def evaluate(
     assets: str | Path | None = None,
     tile: int | None = None,
     progress: bool = True,
+    per_image: Callable[[str, torch.Tensor], dict[str, float]] | None = None,
 ) -> list[DatasetResult]:
     """Evaluate on several benchmark sets by name; every set is located before any inference starts."""
     sets = [BenchmarkSet.from_assets(name, assets) for name in datasets]
-    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress)]
+    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image)]

@@ -17,13 +17,15 @@ from torch import nn
 
 from srquant.data.calibration import CropSampler
 from srquant.errors import SrquantError
+from srquant.methods.adabm import AdaBMConfig, get_adabm_preset, run_adabm
+from srquant.methods.dynamic import dynamic_state
 from srquant.methods.ptq import calibrate
 from srquant.methods.twodquant import DQCConfig, DQCReport, run_dqc
 from srquant.models.layout import QuantLayout
 from srquant.quant.quantize import QuantReport, quantize_
 from srquant.quant.spec import QuantSpec
 
-METHODS = ("minmax", "percentile", "dobi", "2dquant")
+METHODS = ("minmax", "percentile", "dobi", "2dquant", "adabm")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class QuantizationResult:
     calib_seconds: float
     dqc: DQCReport | None = None
     settings: dict[str, object] = field(default_factory=dict)
+    dynamic: dict[str, object] | None = None
+    rollbacks: list[str] = field(default_factory=list)
 
 
 def get_preset(name: str, **overrides: object) -> PTQPreset:
@@ -99,6 +103,8 @@ def quantize_model(
     """Quantize a float model in place by `method`; calibration data are LR crops of `calib_folder`."""
     if method not in METHODS:
         raise SrquantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "adabm":
+        return _quantize_adabm(model, layout, spec, Path(calib_folder), preset, datasets_root, progress, overrides)
     config = get_preset(preset, **overrides)
     scale = int(model.scale)
     multiple = int(getattr(model, "pad_multiple", 1))
@@ -122,4 +128,48 @@ def quantize_model(
         settings["percentile"] = config.percentile
     if method == "2dquant":
         settings.update({"dqc": dataclasses.asdict(config.dqc), "dqc_crop": dqc_crop})
-    return QuantizationResult(model, method, spec, preset, report, seconds, dqc_report, settings)
+    rollbacks = dqc_report.rollbacks if dqc_report else []
+    return QuantizationResult(model, method, spec, preset, report, seconds, dqc_report, settings, None, rollbacks)
+
+
+def _quantize_adabm(
+    model: nn.Module,
+    layout: QuantLayout,
+    spec: QuantSpec,
+    calib_folder: Path,
+    preset: str,
+    datasets_root: Path | None,
+    progress: bool,
+    overrides: dict[str, object],
+) -> QuantizationResult:
+    """AdaBM: per-image, per-layer activation bits around spec.a_bits, symmetric weights at spec.w_bits."""
+    fields = {f.name for f in dataclasses.fields(AdaBMConfig)}
+    config = get_adabm_preset(preset, **{k: v for k, v in overrides.items() if k in fields})
+    multiple = int(getattr(model, "pad_multiple", 1))
+    crop = -(-config.crop // multiple) * multiple
+    sampler = CropSampler(calib_folder, int(model.scale), crop, datasets_root)
+    rng = np.random.default_rng(config.seed)
+    result = run_adabm(
+        model,
+        layout,
+        spec.w_bits,
+        spec.a_bits,
+        lambda n: sampler.draw(n, rng)[0],
+        config,
+        full=spec.full,
+        progress=progress,
+    )
+    used_spec = QuantSpec(spec.w_bits, spec.a_bits, weight_quantizer="symmetric", full=spec.full, matmul=False)
+    settings = {"adabm": dataclasses.asdict(config), "crop": crop}
+    return QuantizationResult(
+        model,
+        "adabm",
+        used_spec,
+        preset,
+        result.report,
+        result.seconds,
+        None,
+        settings,
+        dynamic_state(result.controller),
+        result.rollbacks,
+    )

@@ -80,8 +80,19 @@ def _codes_and_dequant(q: Quantizer, weight: torch.Tensor) -> tuple[torch.Tensor
     raise SrquantError(f"cannot pack weights of {type(q).__name__}")
 
 
-def save_quantized(model: nn.Module, path: str | Path, name: str, spec: QuantSpec, meta: dict[str, Any]) -> int:
-    """Write a quantized checkpoint; returns the file size in bytes."""
+def save_quantized(
+    model: nn.Module,
+    path: str | Path,
+    name: str,
+    spec: QuantSpec,
+    meta: dict[str, Any],
+    dynamic: dict[str, Any] | None = None,
+) -> int:
+    """Write a quantized checkpoint; returns the file size in bytes.
+
+    `dynamic` holds a dynamic method's own state (e.g. AdaBM's bit controller), restored by
+    `srquant.methods.dynamic.restore_dynamic`.
+    """
     entry = get_entry(name)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     packed: dict[str, dict[str, Any]] = {}
@@ -102,6 +113,7 @@ def save_quantized(model: nn.Module, path: str | Path, name: str, spec: QuantSpe
         "state": state,
         "packed": packed,
         "meta": meta,
+        "dynamic": dynamic,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

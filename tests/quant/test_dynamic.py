@@ -1,0 +1,70 @@
+"""Dynamic-bit models through checkpoints and evaluation: AdaBM's bit state survives save/load exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from srquant.cli import main
+from srquant.methods.adabm import get_adabm_preset, run_adabm
+from srquant.methods.dynamic import dynamic_state, per_image_metrics, restore_dynamic
+from srquant.models.registry import REGISTRY, build_model
+from srquant.quant.checkpoint import load_quantized, save_quantized
+from srquant.quant.spec import QuantSpec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_adabm_checkpoint_reloads_bits_and_outputs_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = build_model("edsr-baseline", 2, tiny=True).eval()
+    config = get_adabm_preset("cpu", epochs=3, iterations=2, calib_count=4, calib_batch=2, crop=12)
+    result = run_adabm(
+        model, REGISTRY["edsr-baseline"].layout, 4, 4, lambda n: torch.rand(n, 3, 12, 12, generator=gen), config
+    )
+    spec = QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False)
+    path = tmp_path / "adabm.pt"
+    save_quantized(model, path, "edsr-baseline", spec, {"method": "adabm"}, dynamic_state(result.controller))
+    entry = REGISTRY["edsr-baseline"]
+    monkeypatch.setitem(REGISTRY, "edsr-baseline", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
+    again, record = load_quantized(path)
+    controller = restore_dynamic(again, record)
+    assert controller is not None
+    flat, busy = torch.full((1, 3, 16, 16), 0.5), torch.rand(1, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        for x in (flat, busy, torch.cat([flat, busy])):
+            assert torch.equal(model(x), again(x))
+            assert torch.equal(result.controller(x), controller(x))
+    measure = per_image_metrics(again, controller, 2)
+    with torch.no_grad():
+        assert measure("busy", busy)["fab"] == pytest.approx(float(controller(busy).mean()))
+
+
+def test_fixed_bit_checkpoint_has_no_dynamic_state(tmp_path: Path) -> None:
+    assert restore_dynamic(build_model("pan", 2, tiny=True), {"dynamic": None}) is None
+
+
+def test_cli_adabm_on_a_real_network(assets: Path, tmp_path: Path) -> None:
+    out, report, bits = tmp_path / "imdn_adabm.pt", tmp_path / "r.json", tmp_path / "bits.json"
+    argv = ["quantize", "--model", "imdn", "--scale", "4", "--method", "adabm", "--wbits", "4", "--abits", "6"]
+    assert main(argv + ["--iterations", "1", "-o", str(out), "--assets", str(assets), "--no-progress"]) == 0
+    argv = ["eval", "--model", str(out), "--scale", "4", "--datasets", "Set5", "--assets", str(assets)]
+    assert main(argv + ["--json", str(report), "--bits-json", str(bits), "--no-progress"]) == 0
+    row = json.loads(report.read_text())["results"][0]
+    assert 4.0 <= row["fab"] <= 8.0 and row["bitops_g"] > 0 and row["psnr"] > 20
+    per_image = json.loads(bits.read_text())["Set5"]
+    assert sorted(per_image) == ["baby", "bird", "butterfly", "head", "woman"]
+    assert all(len(entry["layers"]) == 30 for entry in per_image.values())  # IMDN's 30 adaptive body convs
+    mean_fab = sum(entry["fab"] for entry in per_image.values()) / 5
+    assert mean_fab == pytest.approx(row["fab"])
