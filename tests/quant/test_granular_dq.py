@@ -1,0 +1,325 @@
+"""Granular-DQ on tiny models: selected-bit-only quantizers, layer-invariant bits, GBC, E2B, ATC, patches, guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srquant.errors import SrquantError
+from srquant.methods.granular_dq import (
+    GRANULAR_DQ_PRESETS,
+    PALETTE,
+    GranularDQConfig,
+    GranularityBitController,
+    MultiBitLSQ,
+    PatchBit,
+    bit_map,
+    get_granular_dq_preset,
+    head_conv_name,
+    image_bit_report,
+    multibit_quantizers,
+    patch_boxes,
+    patch_entropy,
+    run_granular_dq,
+    upscale_patchwise,
+)
+from srquant.metrics.complexity import bitops
+from srquant.models.registry import build_model, get_entry
+from srquant.quant.accounting import ops_report
+from srquant.quant.quantize import fp_mode
+from srquant.quant.quantizers import QuantMode
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the tiny tensors here gain nothing from threads and stall on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+SMALL = GranularDQConfig(
+    iterations=3,
+    batch_size=2,
+    patch=16,
+    lr_milestones=(),
+    epoch_iterations=2,
+    calib_count=8,
+    calib_batch=4,
+    guard_seed_batches=2,
+    loss="distill",
+)
+
+
+def _crops(n: int, gen: torch.Generator, size: int = 16) -> torch.Tensor:
+    """Smooth random crops with a per-sample amount of texture: a spread of entropies."""
+    base = F.interpolate(torch.rand(n, 3, 4, 4, generator=gen), size=(size, size), mode="bilinear")
+    amount = torch.rand(n, 1, 1, 1, generator=gen) * 0.4
+    return (base + amount * (torch.rand(n, 3, size, size, generator=gen) - 0.5)).clamp(0, 1)
+
+
+def _sampler(seed: int = 0, size: int = 16, scale: int = 4) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = _crops(n, gen, size)
+        return lr, F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+    return draw
+
+
+def _trained(name: str = "srresnet", config: GranularDQConfig = SMALL, seed: int = 0):
+    torch.manual_seed(seed)  # the float model's random weights; everything after is seeded by the config
+    model = build_model(name, 4, tiny=True)
+    result = run_granular_dq(model, get_entry(name).layout, _sampler(seed), config)
+    return model, result
+
+
+class _Counter:
+    """Forward hook recording (calls, samples) per candidate quantizer."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, int], int] = {}
+        self.samples: dict[tuple[str, int], int] = {}
+
+    def attach(self, name: str, quantizer: MultiBitLSQ) -> None:
+        for bit, cand in quantizer.candidates.items():
+
+            def hook(_m: nn.Module, args: tuple, _out: torch.Tensor, key: tuple[str, int] = (name, int(bit))) -> None:
+                self.calls[key] = self.calls.get(key, 0) + 1
+                self.samples[key] = self.samples.get(key, 0) + args[0].shape[0]
+
+            cand.register_forward_hook(hook)
+
+
+def test_only_selected_bits_quantizer_runs() -> None:
+    q = MultiBitLSQ((4, 5, 6, 8), signed=True)
+    q.mode = QuantMode.QUANT
+    for cand in q.candidates.values():
+        cand.mode = QuantMode.QUANT
+    q.init_steps(0.5)
+    counter = _Counter()
+    counter.attach("q", q)
+    x = torch.randn(4, 3, 5, 5)
+    q.select(torch.tensor([4, 8, 8, 4]))
+    out = q(x)
+    assert counter.calls == {("q", 4): 1, ("q", 8): 1}
+    assert counter.samples == {("q", 4): 2, ("q", 8): 2}
+    torch.testing.assert_close(out[[0, 3]], q.candidates["4"](x[[0, 3]]))
+    torch.testing.assert_close(out[[1, 2]], q.candidates["8"](x[[1, 2]]))
+    assert not torch.equal(out[0], q.candidates["8"](x[:1])[0])  # the bits really differ
+    with pytest.raises(SrquantError):
+        q.select(torch.tensor([7, 4, 4, 4]))
+        q(x)
+
+
+def test_gate_carries_gradient_to_selection() -> None:
+    q = MultiBitLSQ((4, 8))
+    q.mode = QuantMode.QUANT
+    for cand in q.candidates.values():
+        cand.mode = QuantMode.QUANT
+    q.init_steps(0.5)
+    gate = torch.ones(2, requires_grad=True)
+    q.select(torch.tensor([4, 8]), gate)
+    q(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert gate.grad is not None and torch.isfinite(gate.grad).all() and gate.grad.abs().sum() > 0
+
+
+def test_layer_invariant_bits_per_patch() -> None:
+    model, result = _trained("srresnet", dataclasses.replace(SMALL, iterations=0))
+    counter = _Counter()
+    for name, q in zip(result.layers, multibit_quantizers(model, result.controller), strict=True):
+        counter.attach(name, q)
+    gen = torch.Generator().manual_seed(3)
+    batch = torch.cat([torch.full((1, 3, 16, 16), 0.5), torch.rand(1, 3, 16, 16, generator=gen), _crops(2, gen)])
+    with torch.no_grad():
+        result.controller.fc.weight.zero_()
+        result.controller.fc.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # GBC -> 8, E2B spreads by entropy
+        model(batch)
+    bits = result.controller.last_bits
+    assert bits is not None and bits.shape == (4,) and bits[0] == 4 and bits[1] == 8
+    for name, q in zip(result.layers, multibit_quantizers(model, result.controller), strict=True):
+        assert torch.equal(q.sample_bits, bits)
+        for b in set(bits.tolist()):
+            assert counter.samples[(name, b)] == int((bits == b).sum())  # every layer, the same bit per sample
+        assert {k[1] for k in counter.calls if k[0] == name} == set(bits.tolist())
+
+
+def test_granularity_features_differ() -> None:
+    ctrl = GranularityBitController(["a"], 8, GranularDQConfig())
+    feat = torch.randn(2, 8, 16, 16)
+    fine, mid, coarse = ctrl.granularity_features(feat)
+    assert fine.shape == (2, 8 * 16) and mid.shape == (2, 8 * 4) and coarse.shape == (2, 8)
+    grid4, grid2 = fine.view(2, 8, 16), mid.view(2, 8, 4)
+    assert (grid4.std(dim=2) > 1e-3).all() and (grid2.std(dim=2) > 1e-3).all()  # spatial structure is kept
+    assert not torch.allclose(grid2, coarse.view(2, 8, 1).expand(2, 8, 4))
+    assert not torch.allclose(grid4[..., :4], grid2)
+
+
+def test_eval_bits_deterministic_train_bits_follow_seed() -> None:
+    cfg = GranularDQConfig()
+    a, b = GranularityBitController(["x"], 8, cfg), GranularityBitController(["x"], 8, cfg)
+    assert torch.equal(a.fc.weight, b.fc.weight)  # seeded initialisation
+    with torch.no_grad():
+        a.fc.weight.zero_()
+        a.fc.bias.zero_()
+    logits = torch.zeros(64, 3)
+    a.eval()
+    first = a.choose(logits)
+    assert all(torch.equal(first, a.choose(logits)) for _ in range(3))
+    a.train()
+    a.reseed(0)
+    s0 = a.choose(logits)
+    a.reseed(0)
+    assert torch.equal(s0, a.choose(logits))
+    a.reseed(1)
+    assert not torch.equal(s0, a.choose(logits))
+    assert len(set(s0.argmax(-1).tolist())) > 1
+
+
+def test_same_seed_same_bits_and_outputs() -> None:
+    image = _crops(1, torch.Generator().manual_seed(5), size=40)[0]
+    outs = []
+    for _ in range(2):
+        model, result = _trained("srresnet", SMALL, seed=0)
+        sr, bits = upscale_patchwise(model, result.controller, image, patch=24, step=20)
+        sr2, bits2 = upscale_patchwise(model, result.controller, image, patch=24, step=20)
+        assert torch.equal(sr, sr2) and bits == bits2  # eval bits are never random
+        outs.append((sr, bits))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+
+
+def test_e2b_maps_entropy_to_bits() -> None:
+    ctrl = GranularityBitController(["x"], 8, GranularDQConfig())
+    flat = torch.full((1, 3, 24, 24), 0.4)
+    noise = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    e_flat, e_noise = patch_entropy(flat), patch_entropy(noise)
+    assert float(e_flat) < float(e_noise)
+    ctrl.thresholds.copy_(torch.tensor([float(e_flat) + 0.1, float(e_flat) + 0.2]))
+    assert ctrl.e2b(torch.cat([e_flat, e_noise])).tolist() == [4, 8]
+    ctrl.thresholds.copy_(torch.tensor([float(e_flat) - 0.2, float(e_noise) + 0.1]))
+    assert ctrl.e2b(torch.cat([e_flat, e_noise])).tolist() == [5, 5]
+    # E2B applies only to patches GBC sent to 8 bits.
+    ctrl.eval()
+    ctrl.thresholds.copy_(torch.tensor([float(e_flat) + 0.1, float(e_flat) + 0.2]))
+    lr = torch.cat([flat, noise])
+    feat = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ctrl.fc.weight.zero_()
+        ctrl.fc.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # GBC -> 8 for every patch
+        assert ctrl(feat, lr)[0].tolist() == [4, 8]
+        ctrl.fc.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # GBC -> 6: E2B not applied
+        assert ctrl(feat, lr)[0].tolist() == [6, 6]
+
+
+def test_atc_moves_thresholds_only_in_first_epoch() -> None:
+    cfg = dataclasses.replace(SMALL, iterations=5, epoch_iterations=2, atc_gamma=0.5, lr=1e-5)
+    _, result = _trained("srresnet", cfg)
+    assert not result.rollbacks
+    t = result.thresholds
+    assert len(t) == 6 and result.controller.atc_updates.item() == 2
+    assert t[1] != t[0] and t[2] != t[1]
+    assert t[2] == t[3] == t[4] == t[5]
+
+
+def test_patchwise_identity_model_equals_whole_image() -> None:
+    model = nn.Upsample(scale_factor=2, mode="nearest")
+    image = torch.rand(3, 37, 50, generator=torch.Generator().manual_seed(0))
+    sr, bits = upscale_patchwise(model, None, image, patch=16, step=12, batch=3)
+    torch.testing.assert_close(sr, model(image[None])[0])
+    boxes = patch_boxes(37, 50, 16, 12)
+    assert [(p.top, p.left, p.height, p.width) for p in bits] == boxes and all(p.bit == 32 for p in bits)
+    assert boxes[-1][0] + 16 == 37 and boxes[-1][1] + 16 == 50
+
+
+def test_patchwise_quantized_model_reports_per_patch_bits() -> None:
+    model, result = _trained("srresnet", dataclasses.replace(SMALL, iterations=0))
+    image = torch.cat([torch.full((3, 20, 20), 0.5), torch.rand(3, 20, 20)], dim=2)  # flat left, noisy right
+    sr, bits = upscale_patchwise(model, result.controller, image, patch=20, step=20)
+    assert sr.shape == (3, 80, 160) and len(bits) == 2
+    with torch.no_grad():
+        left = model(image[None, :, :, :20])[0]
+    torch.testing.assert_close(sr[:, :, :80], left)  # a lone patch equals its own forward
+    with fp_mode(model):
+        sr_fp, bits_fp = upscale_patchwise(model, result.controller, image, patch=20, step=20)
+        assert all(p.bit == 32 for p in bits_fp)
+        torch.testing.assert_close(sr_fp, model(image[None])[0], atol=0.2, rtol=0)
+
+
+def test_fab_and_bitops() -> None:
+    model, result = _trained("srresnet", dataclasses.replace(SMALL, iterations=0))
+    bits = [PatchBit(0, 0, 16, 16, 4), PatchBit(0, 12, 16, 16, 8), PatchBit(12, 0, 8, 16, 5)]
+    rep = image_bit_report(model, result.layers, bits, scale=4)
+    assert rep.fab == pytest.approx((4 + 8 + 5) / 3)
+    expected = bitops(ops_report(model, 4, (16, 16)), {n: (8, 8) for n in result.layers})
+    assert rep.patch_bitops[1] == pytest.approx(expected)
+    assert rep.patch_bitops[0] < rep.patch_bitops[1]
+    weighted = (rep.patch_bitops[0] * 256 + rep.patch_bitops[1] * 256 + rep.patch_bitops[2] * 128) / 640
+    assert rep.bitops == pytest.approx(weighted) and rep.bitops_total == pytest.approx(sum(rep.patch_bitops))
+    body = image_bit_report(model, result.layers, bits, scale=4, body_only=True)
+    assert body.patch_bitops[0] < rep.patch_bitops[0] and "fab" in rep.to_dict()
+
+
+def test_bit_map_shape_and_tint() -> None:
+    image = torch.full((3, 30, 40), 0.5)
+    bits = [PatchBit(0, 0, 30, 20, 4), PatchBit(0, 20, 30, 20, 8)]
+    out = bit_map(image, bits)
+    assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+    assert out[5, 5, 0] > out[5, 5, 1]  # 4 bits: red tint
+    assert out[5, 30, 1] > out[5, 30, 0]  # 8 bits: green tint
+    assert tuple(PALETTE) == (4, 5, 6, 8)
+    assert bit_map(np.zeros((30, 40, 3), np.uint8), bits).shape == (30, 40, 3)
+
+
+def test_guard_recovers_from_injected_nan() -> None:
+    draw = _sampler(0)
+    calls = {"n": 0}
+    base = 2 + SMALL.guard_seed_batches  # calibration batches, then the guard's seed batches
+
+    def poisoned(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["n"] += 1
+        lr, hr = draw(n)
+        if calls["n"] == base + 2:  # the second training step
+            lr = lr.clone()
+            lr[0, 0, 0, 0] = float("nan")
+        return lr, hr
+
+    model = build_model("srresnet", 4, tiny=True)
+    cfg = dataclasses.replace(SMALL, iterations=4, loss="qat")
+    result = run_granular_dq(model, get_entry("srresnet").layout, poisoned, cfg)
+    assert len(result.rollbacks) == 1 and "step 1" in result.rollbacks[0] and not result.stopped_early
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(_crops(2, torch.Generator().manual_seed(9)))).all()
+
+
+def test_models_heads_and_config() -> None:
+    heads = {"imdn": "fea_conv", "pan": "conv_first", "edsr-baseline": "head.0", "carn-m": "entry"}
+    for name, head in heads.items():
+        assert head_conv_name(build_model(name, 4, tiny=True), get_entry(name).layout) == head
+    assert GRANULAR_DQ_PRESETS["paper"].iterations == 300_000 and GRANULAR_DQ_PRESETS["paper"].atc_gamma == 0.9997
+    assert get_granular_dq_preset("cpu", batch_size=2).batch_size == 2
+    for bad in ({"loss": "l2"}, {"e2b_quantiles": (0.9, 0.5)}, {"gbc_bits": (3, 8)}, {"lr": 0.0}):
+        with pytest.raises(SrquantError):
+            GranularDQConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(SrquantError):
+        get_granular_dq_preset("fast")
+
+
+def test_imdn_qat_runs() -> None:
+    cfg = dataclasses.replace(SMALL, loss="qat", bit_penalty=0.1)
+    model, result = _trained("imdn", cfg)
+    assert len(result.losses) + len(result.rollbacks) == 3 and result.mean_bits
+    assert not result.controller.training
+    image = _crops(1, torch.Generator().manual_seed(1), size=30)[0]
+    sr, bits = upscale_patchwise(model, result.controller, image, patch=16, step=14)
+    assert sr.shape == (3, 120, 120) and all(p.bit in (4, 5, 6, 8) for p in bits)
