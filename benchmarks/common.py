@@ -34,13 +34,15 @@ def machine() -> str:
 
 def command() -> str:
     """The command line that ran this benchmark."""
-    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))] + sys.argv[1:])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return "python " + " ".join([str(shown)] + sys.argv[1:])
 
 
-def header(title: str) -> str:
+def header(title: str, produced_by: str | None = None) -> str:
     """Markdown header recording what, where, when and how a results table was produced."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"# {title}\n\n- command: `{command()}`\n- machine: {machine()}\n- date: {stamp}\n"
+    return f"# {title}\n\n- command: `{produced_by or command()}`\n- machine: {machine()}\n- date: {stamp}\n"
 
 
 def load_json(path: Path) -> dict:

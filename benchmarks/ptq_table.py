@@ -95,7 +95,13 @@ def main() -> None:
 
 def write_table(done: dict, preset: str) -> None:
     """Markdown table: FP row, then each method with PSNR/SSIM and the drop from FP per dataset."""
-    lines = [header(f"PTQ baselines and 2DQuant, x4, BasicSR convention, preset `{preset}`"), ""]
+    produced_by = f"python benchmarks/ptq_table.py --assets ../shared/assets --preset {preset}"
+    lines = [header(f"PTQ baselines and 2DQuant, x4, BasicSR convention, preset `{preset}`", produced_by), ""]
+    lines.append(
+        "Cells are resumable and were run by workers with `--only NAME:BITS,...`, one torch thread each, while "
+        "other benchmarks shared the 2 cores: calibration times are upper bounds (see the note below the "
+        "table for a measurement on an idle machine).\n"
+    )
     lines.append(
         "Drop = method PSNR - FP PSNR. Size: parameter storage in decimal MB. BitOPs: G, MACs-based, for a "
         "1280x720 output (sum of ops * w/32 * a/32). Calibration time includes loading the calibration images.\n"
