@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -11,6 +12,7 @@ from srquant.assets import asset_dir
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import read_image, to_tensor, to_uint8, write_image
 from srquant.evaluate import DatasetResult, evaluate
+from srquant.methods.dynamic import DynamicController, eval_hooks, load_dynamic
 from srquant.methods.pipeline import QuantizationResult, quantize_model
 from srquant.models.inference import upscale
 from srquant.models.registry import create_model, get_entry
@@ -41,7 +43,10 @@ def quantize(
     progress: bool = False,
     **overrides: object,
 ) -> QuantizationResult:
-    """Load a zoo model and quantize it by `method` (minmax, percentile, dobi, 2dquant); the CLI's `quantize`.
+    """Load a zoo model and quantize it by `method` (see `METHODS`, e.g. 2dquant, adabm, granular-dq).
+
+    The CLI's `quantize`; write the result with `save_quantized(result.model, ..., result.spec, meta,
+    result.dynamic)`.
 
     Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a benchmark set.
     """
@@ -86,3 +91,34 @@ __all__ = [
     "upscale_image",
     "write_lr_set",
 ]
+
+
+def load_quantized_model(path: str | Path) -> tuple[nn.Module, dict[str, Any], DynamicController | None]:
+    """A quantized checkpoint with its dynamic-bit controller restored: (model, record, controller or None)."""
+    return load_dynamic(path)
+
+
+def evaluate_quantized(
+    path: str | Path,
+    datasets: list[str],
+    scale: int,
+    conventions: tuple[str, ...] = ("basicsr",),
+    assets: str | Path | None = None,
+    progress: bool = False,
+    bit_log: dict[str, dict[str, dict[str, Any]]] | None = None,
+    bitmap_dir: str | Path | None = None,
+) -> list[DatasetResult]:
+    """Evaluate a quantized checkpoint as `srquant eval --model PATH` does.
+
+    Dynamic-bit models report per-image `fab` and `bitops_g` (averaged in `extras`); Granular-DQ models run
+    patch-wise (96 px LR patches, step 90). `bit_log[dataset][image]` receives each image's bits; with
+    `bitmap_dir`, Granular-DQ bit maps are written to `bitmap_dir/<dataset>/<image>.png`.
+    """
+    model, _, controller = load_dynamic(path)
+    results = []
+    for dataset in datasets:
+        log = bit_log.setdefault(dataset, {}) if bit_log is not None and controller is not None else None
+        maps = Path(bitmap_dir) / dataset if bitmap_dir is not None else None
+        upscaler, measure = eval_hooks(model, controller, scale, log, maps)
+        results += evaluate(model, [dataset], scale, conventions, assets, None, progress, measure, upscaler)
+    return results

@@ -13,14 +13,15 @@ from torch import nn
 
 from srquant import api
 from srquant.assets import asset_dir
+from srquant.data.io import read_image, to_tensor, to_uint8, write_image
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
-from srquant.methods.adabm import BitController
-from srquant.methods.dynamic import per_image_metrics, restore_dynamic
+from srquant.methods.dynamic import DynamicController, eval_hooks, load_dynamic
+from srquant.methods.granular_dq import GranularityBitController, upscale_patchwise
 from srquant.methods.pipeline import METHODS, PRESETS, quantize_model
 from srquant.models.registry import REGISTRY, checkpoint_path, get_entry
 from srquant.quant.accounting import layer_bits, model_cost
-from srquant.quant.checkpoint import load_quantized, save_quantized
+from srquant.quant.checkpoint import save_quantized
 from srquant.quant.spec import QuantSpec
 from srquant.runtime import tune_allocator
 
@@ -67,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--convention", type=_comma_list, default=["basicsr"], help="basicsr, edsr, or both: basicsr,edsr")
     ev.add_argument("--json", type=Path, help="write the results to this JSON file")
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    ev.add_argument("--bits-json", type=Path, help="dynamic-bit models: write each image's per-layer bits here")
+    ev.add_argument(
+        "--bits-json",
+        type=Path,
+        help="dynamic-bit models: write each image's bits here (AdaBM layers, Granular-DQ patches)",
+    )
+    ev.add_argument(
+        "--bitmap-dir", type=Path, help="Granular-DQ models: write a bit-map PNG per image under DIR/<dataset>"
+    )
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -94,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="calibration schedule (default: cpu)")
     qz.add_argument("--full", action="store_true", help="also run head/upsampler/tail at W8A8 (fully quantized)")
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
-    qz.add_argument("--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch)")
+    qz.add_argument(
+        "--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch; Granular-DQ)"
+    )
     qz.add_argument("--batch-size", type=_positive_int, help="override the preset's DQC batch size")
     qz.add_argument("--seed", type=int, help="override the preset's data seed")
     qz.add_argument("--weights", help="start from this float checkpoint instead of the registry's")
@@ -118,30 +128,44 @@ def format_table(results: Sequence[DatasetResult]) -> str:
     return "\n".join(lines)
 
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str, BitController | None]:
+def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str, DynamicController | None]:
     """A zoo model by name, or a quantized checkpoint file; returns (model, label, dynamic bit controller)."""
     path = Path(args.model)
     if path.suffix in (".pt", ".pth") or path.is_file():
         if args.weights:
             raise SrquantError("--weights applies to zoo models, not to a quantized checkpoint")
-        model, record = load_quantized(path)
+        model, record, controller = load_dynamic(path)
         if int(record["scale"]) != args.scale:
             raise SrquantError(f"{path} is a x{record['scale']} model, but x{args.scale} was asked for")
-        controller = restore_dynamic(model, record)
+        if isinstance(controller, GranularityBitController) and args.tile:
+            raise SrquantError("--tile does not apply to a Granular-DQ model: it always runs patch-wise (96 px)")
         return model, f"{record['model']} ({path.name}, {record['meta'].get('method', '?')})", controller
     return api.load_model(args.model, args.scale, args.assets, args.weights, args.download), args.model, None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model, label, controller = _load_for_eval(args)
+    granular = isinstance(controller, GranularityBitController)
+    if args.bits_json and controller is None:
+        raise SrquantError("--bits-json needs a dynamic-bit model (quantized with --method adabm or granular-dq)")
+    if args.bitmap_dir and not granular:
+        raise SrquantError("--bitmap-dir needs a Granular-DQ model (quantized with --method granular-dq)")
     bit_logs: dict[str, dict[str, object]] = {}
     results = []
     for dataset in args.datasets:
-        measure = None
-        if controller is not None:
-            measure = per_image_metrics(model, controller, args.scale, bit_logs.setdefault(dataset, {}))
+        log = bit_logs.setdefault(dataset, {}) if controller is not None else None
+        maps = args.bitmap_dir / dataset if args.bitmap_dir else None
+        upscaler, measure = eval_hooks(model, controller, args.scale, log, maps)
         results += api.evaluate(
-            model, [dataset], args.scale, args.convention, args.assets, args.tile, not args.no_progress, measure
+            model,
+            [dataset],
+            args.scale,
+            args.convention,
+            args.assets,
+            args.tile,
+            not args.no_progress,
+            measure,
+            upscaler,
         )
     cost = model_cost(model, args.scale)
     bits = layer_bits(model)
@@ -150,12 +174,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for result in results:
         fixed = {"wbits": w_bits, "abits": a_bits, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g}
         result.extras = {**fixed, **result.extras}  # a dynamic model's measured FAB / BitOPs take precedence
-    kind = f"dynamic around A{controller.base_bits}" if controller is not None else f"W{w_bits}A{a_bits}"
+    if isinstance(controller, GranularityBitController):
+        kind = f"Granular-DQ W{w_bits}, patch-wise bits from {sorted({*controller.gbc_bits, *controller.e2b_bits})}"
+    elif controller is not None:
+        kind = f"dynamic around A{controller.base_bits}"
+    else:
+        kind = f"W{w_bits}A{a_bits}"
     print(f"{label} x{args.scale}: {kind}, {cost.size_mb:.3f} MB")
     print(format_table(results))
+    if args.bitmap_dir:
+        print(f"wrote bit maps under {args.bitmap_dir}")
     if args.bits_json:
-        if controller is None:
-            raise SrquantError("--bits-json needs a dynamic-bit model (quantized with --method adabm)")
         args.bits_json.parent.mkdir(parents=True, exist_ok=True)
         args.bits_json.write_text(json.dumps(bit_logs, indent=1) + "\n")
         print(f"wrote {args.bits_json}")
@@ -206,7 +235,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for note in result.rollbacks:
         print(f"divergence guard: {note}")
     size = save_quantized(model, args.output, entry.name, result.spec, meta, result.dynamic)
-    print(f"{entry.name} x{args.scale} {args.method} W{args.wbits}A{args.abits}: {result.report.summary()}")
+    bits = f"W{args.wbits}A{args.abits}" if args.method != "granular-dq" else f"W{result.spec.w_bits} patch-wise A"
+    print(f"{entry.name} x{args.scale} {args.method} {bits}: {result.report.summary()}")
     print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")
     return 0
 
@@ -218,8 +248,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    model, _, _ = _load_for_eval(args)
-    api.upscale_file(model, args.input, args.output, args.tile)
+    model, _, controller = _load_for_eval(args)
+    if isinstance(controller, GranularityBitController):
+        sr, _ = upscale_patchwise(model, controller, to_tensor(read_image(args.input)))
+        write_image(args.output, to_uint8(sr))
+    else:
+        api.upscale_file(model, args.input, args.output, args.tile)
     print(f"wrote {args.output}")
     return 0
 

@@ -66,10 +66,14 @@ def evaluate_dataset(
     tile: int | None = None,
     progress: bool = True,
     per_image: Callable[[str, torch.Tensor], dict[str, float]] | None = None,
+    upscaler: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[DatasetResult]:
     """Run the model once on every LR image of a set; score it under each named convention.
 
     `per_image(name, lr)` may add numbers measured per image (FAB, BitOPs of dynamic methods); they are averaged.
+    It is called right after the image was super-resolved, with the same `lr` tensor. `upscaler(lr)` replaces
+    the model's own (tiled) inference for a 1x3xHxW LR image (e.g. Granular-DQ's patch-wise run; `tile` is then
+    not used).
     """
     if isinstance(conventions, str):
         conventions = (conventions,)
@@ -84,7 +88,7 @@ def evaluate_dataset(
     bar = tqdm(pairs, total=len(dataset), desc=f"{dataset.name} x{scale}", disable=not progress, leave=False)
     for pair in bar:
         lr = to_tensor(pair.lr)
-        sr = to_uint8(upscale(model, lr, tile=tile))
+        sr = to_uint8(upscaler(lr) if upscaler is not None else upscale(model, lr, tile=tile))
         for key, value in (per_image(pair.name, lr) if per_image else {}).items():
             measured.setdefault(key, []).append(value)
         for name in conventions:
@@ -118,7 +122,10 @@ def evaluate(
     tile: int | None = None,
     progress: bool = True,
     per_image: Callable[[str, torch.Tensor], dict[str, float]] | None = None,
+    upscaler: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[DatasetResult]:
     """Evaluate on several benchmark sets by name; every set is located before any inference starts."""
     sets = [BenchmarkSet.from_assets(name, assets) for name in datasets]
-    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image)]
+    return [
+        r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image, upscaler)
+    ]

@@ -1,6 +1,7 @@
 """One call from a float zoo model to a calibrated quantized one: quantize_ -> calibrate (-> DQC).
 
-Methods: `minmax`, `percentile`, `dobi` (PTQ bound calibration) and `2dquant` (DOBI, then DQC). Schedules
+Methods: `minmax`, `percentile`, `dobi` (PTQ bound calibration) and `2dquant` (DOBI, then DQC); the
+dynamic-bit `adabm` and `granular-dq` use their own configs (`code` means `paper` for Granular-DQ). Schedules
 come from named presets: `paper` (2DQuant section 4.1), `code` (2DQuant's released config) and `cpu` (the
 same algorithm with a schedule that fits a 2-core CPU); every field can be overridden.
 """
@@ -13,19 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from srquant.data.calibration import CropSampler
 from srquant.errors import SrquantError
 from srquant.methods.adabm import AdaBMConfig, get_adabm_preset, run_adabm
-from srquant.methods.dynamic import dynamic_state
+from srquant.methods.dynamic import dynamic_state, granular_state
+from srquant.methods.granular_dq import GranularDQConfig, get_granular_dq_preset, run_granular_dq
 from srquant.methods.ptq import calibrate
 from srquant.methods.twodquant import DQCConfig, DQCReport, run_dqc
 from srquant.models.layout import QuantLayout
 from srquant.quant.quantize import QuantReport, quantize_
 from srquant.quant.spec import QuantSpec
 
-METHODS = ("minmax", "percentile", "dobi", "2dquant", "adabm")
+METHODS = ("minmax", "percentile", "dobi", "2dquant", "adabm", "granular-dq")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def quantize_model(
         raise SrquantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "adabm":
         return _quantize_adabm(model, layout, spec, Path(calib_folder), preset, datasets_root, progress, overrides)
+    if method == "granular-dq":
+        return _quantize_granular(model, layout, spec, Path(calib_folder), preset, datasets_root, progress, overrides)
     config = get_preset(preset, **overrides)
     scale = int(model.scale)
     multiple = int(getattr(model, "pad_multiple", 1))
@@ -171,5 +176,59 @@ def _quantize_adabm(
         None,
         settings,
         dynamic_state(result.controller),
+        result.rollbacks,
+    )
+
+
+def _quantize_granular(
+    model: nn.Module,
+    layout: QuantLayout,
+    spec: QuantSpec,
+    calib_folder: Path,
+    preset: str,
+    datasets_root: Path | None,
+    progress: bool,
+    overrides: dict[str, object],
+) -> QuantizationResult:
+    """Granular-DQ: patch-wise activation bits among the config's act_bits, LSQ weights at spec.w_bits.
+
+    spec.a_bits is not used (the candidate bits come from the config); the body only is quantized.
+    """
+    if spec.full:
+        raise SrquantError("Granular-DQ quantizes the body only; --full does not apply")
+    fields = {f.name for f in dataclasses.fields(GranularDQConfig)}
+    config = get_granular_dq_preset(
+        "paper" if preset == "code" else preset,
+        w_bits=spec.w_bits,
+        **{k: v for k, v in overrides.items() if k in fields and k != "w_bits"},
+    )
+    multiple = int(getattr(model, "pad_multiple", 1))
+    crop = -(-config.patch // multiple) * multiple
+    sampler = CropSampler(calib_folder, int(model.scale), crop, datasets_root)
+    rng = np.random.default_rng(config.seed)
+    if config.loss == "qat":
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return sampler.draw(n, rng, with_hr=True)
+    else:
+
+        def draw(n: int) -> torch.Tensor:  # type: ignore[misc]
+            return sampler.draw(n, rng)[0]
+
+    result = run_granular_dq(model, layout, draw, config, progress=progress)
+    used_spec = QuantSpec(
+        config.w_bits, max(config.act_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False
+    )
+    settings = {"granular_dq": dataclasses.asdict(config), "crop": crop}
+    return QuantizationResult(
+        model,
+        "granular-dq",
+        used_spec,
+        preset,
+        result.report,
+        result.seconds,
+        None,
+        settings,
+        granular_state(model, result),
         result.rollbacks,
     )

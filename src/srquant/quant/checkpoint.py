@@ -10,6 +10,7 @@ the reloaded model's outputs equal the saved model's bit for bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +133,15 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a quantized model from its checkpoint; returns (model in eval mode, the checkpoint record)."""
+def load_quantized(
+    path: str | Path, prepare: Callable[[nn.Module, dict[str, Any]], None] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a quantized model from its checkpoint; returns (model in eval mode, the checkpoint record).
+
+    `prepare(model, record)` runs right after `quantize_` and before any state is loaded: a method whose
+    quantizers differ from `quantize_`'s (Granular-DQ's multi-bit inputs) rebuilds them there, e.g. with
+    `srquant.methods.dynamic.prepare_dynamic`.
+    """
     path = Path(path)
     if not path.is_file():
         raise SrquantError(f"quantized checkpoint not found: {path}")
@@ -149,9 +157,14 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = QuantSpec.from_dict(record["spec"])
     model = build_model(entry.name, int(record["scale"]))
     quantize_(model, spec, entry.layout)
+    if prepare is not None:
+        prepare(model, record)
     own_quantizers = dict(quantizers(model))
     if set(own_quantizers) != set(record["modes"]):
-        raise SrquantError(f"{path}: its quantizers do not match {entry.name} quantized with its spec")
+        hint = ""
+        if record.get("dynamic") and prepare is None:
+            hint = " (it holds a dynamic method's state: load it with prepare=srquant.methods.dynamic.prepare_dynamic)"
+        raise SrquantError(f"{path}: its quantizers do not match {entry.name} quantized with its spec{hint}")
     placeholders = {key: torch.zeros(item["shape"]) for key, item in record["packed"].items()}
     load_state_strict(model, {**record["state"], **placeholders}, str(path))
     for qname, mode in record["modes"].items():

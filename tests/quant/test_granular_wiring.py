@@ -1,0 +1,169 @@
+"""Granular-DQ through the pipeline, checkpoints, evaluation and the CLI: bits and outputs survive save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srquant import api
+from srquant.cli import main
+from srquant.data.benchmark import BenchmarkSet
+from srquant.data.io import read_image, write_image
+from srquant.errors import SrquantError
+from srquant.evaluate import evaluate_dataset
+from srquant.methods.dynamic import (
+    PatchwiseRunner,
+    eval_hooks,
+    granular_state,
+    load_dynamic,
+    prepare_dynamic,
+    restore_dynamic,
+)
+from srquant.methods.granular_dq import (
+    GranularDQConfig,
+    GranularityBitController,
+    MultiBitLSQ,
+    run_granular_dq,
+    upscale_patchwise,
+)
+from srquant.methods.pipeline import METHODS
+from srquant.models.registry import REGISTRY, build_model, get_entry
+from srquant.quant.checkpoint import load_quantized, save_quantized
+from srquant.quant.spec import QuantSpec
+
+SMALL = GranularDQConfig(
+    iterations=3,
+    batch_size=2,
+    patch=16,
+    lr_milestones=(),
+    epoch_iterations=2,
+    calib_count=8,
+    calib_batch=4,
+    guard_seed_batches=2,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _image(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
+    """A 1x3xHxW image with flat and busy regions, so patches get different bits."""
+    base = F.interpolate(torch.rand(1, 3, 4, 4, generator=gen), size=(h, w), mode="bilinear")
+    amount = torch.linspace(0, 0.6, w).view(1, 1, 1, w)
+    return (base + amount * (torch.rand(1, 3, h, w, generator=gen) - 0.5)).clamp(0, 1)
+
+
+def _draw(gen: torch.Generator):
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = torch.cat([_image(gen, 16, 16) for _ in range(n)])
+        return lr, F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+
+    return draw
+
+
+@pytest.fixture
+def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A tiny Granular-DQ IMDN x2 (QAT: weights move too), its checkpoint, and the registry set to tiny models."""
+    torch.manual_seed(0)
+    model = build_model("imdn", 2, tiny=True).eval()
+    result = run_granular_dq(model, get_entry("imdn").layout, _draw(torch.Generator().manual_seed(1)), SMALL)
+    spec = QuantSpec(8, 8, weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False)
+    path = tmp_path / "gdq.pt"
+    save_quantized(model, path, "imdn", spec, {"method": "granular-dq"}, granular_state(model, result))
+    entry = REGISTRY["imdn"]
+    monkeypatch.setitem(REGISTRY, "imdn", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
+    return model, result, path
+
+
+def test_granular_checkpoint_reloads_bits_and_outputs_exactly(saved) -> None:
+    model, result, path = saved
+    again, record, controller = load_dynamic(path)
+    assert isinstance(controller, GranularityBitController) and not controller.training
+    assert record["dynamic"]["method"] == "granular-dq" and record["dynamic"]["head"] == result.head
+    assert controller.layer_names == result.controller.layer_names
+    assert torch.equal(controller.thresholds, result.controller.thresholds)
+    for name in result.layers:
+        old, new = model.get_submodule(name).input_quantizer, again.get_submodule(name).input_quantizer
+        assert isinstance(new, MultiBitLSQ) and new.signed == old.signed
+        assert new.candidate_bits == old.candidate_bits
+    gen = torch.Generator().manual_seed(5)
+    image = _image(gen, 40, 52)
+    with torch.no_grad():
+        batch = torch.cat([_image(gen, 16, 16) for _ in range(6)])
+        assert torch.equal(model(batch), again(batch))
+        assert torch.equal(result.controller.last_bits, controller.last_bits)
+        sr_a, bits_a = upscale_patchwise(model, result.controller, image, patch=16, step=12)
+        sr_b, bits_b = upscale_patchwise(again, controller, image, patch=16, step=12)
+    assert torch.equal(sr_a, sr_b) and bits_a == bits_b
+    assert all(p.bit in (4, 5, 6, 8) for p in bits_b)
+
+
+def test_granular_checkpoint_needs_the_prepare_step(saved) -> None:
+    _, _, path = saved
+    with pytest.raises(SrquantError, match="prepare_dynamic"):
+        load_quantized(path)
+    model, record = load_quantized(path, prepare_dynamic)
+    assert restore_dynamic(model, {"dynamic": None}) is None
+    with pytest.raises(SrquantError, match="unknown dynamic method"):
+        prepare_dynamic(model, {"dynamic": {"method": "cadyq"}})
+
+
+def test_evaluate_patchwise_reports_mean_patch_bit(saved, tmp_path: Path) -> None:
+    _, _, path = saved
+    model, _, controller = load_dynamic(path)
+    gen = torch.Generator().manual_seed(3)
+    hr_dir = tmp_path / "toy" / "HR"
+    for name in ("a", "b"):
+        hr = F.interpolate(_image(gen, 40, 52), scale_factor=2, mode="bilinear").clamp(0, 1)
+        write_image(hr_dir / f"{name}.png", (hr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    dataset = BenchmarkSet("toy", hr_dir, tmp_path / "cache")
+    log: dict[str, dict[str, object]] = {}
+    runner = PatchwiseRunner(model, controller, 2, patch=16, step=12, bit_log=log, bitmap_dir=tmp_path / "maps")
+    calls = []
+    model.register_forward_pre_hook(lambda _m, args: calls.append(0 if args[0].is_meta else args[0].shape[0]))
+    (res,) = evaluate_dataset(model, dataset, 2, progress=False, per_image=runner.measure, upscaler=runner)
+    patches = {name: entry["patches"] for name, entry in log.items()}
+    assert sorted(patches) == ["a", "b"]
+    assert sum(calls) == sum(len(p) for p in patches.values())  # each patch ran once: measuring runs nothing
+    for name, items in patches.items():
+        assert log[name]["fab"] == pytest.approx(sum(p["bit"] for p in items) / len(items))
+        assert read_image(tmp_path / "maps" / f"{name}.png").shape == (40, 52, 3)
+    assert res.extras["fab"] == pytest.approx((log["a"]["fab"] + log["b"]["fab"]) / 2)
+    assert res.extras["bitops_g"] > 0 and res.psnr > 0
+    upscaler, measure = eval_hooks(model, controller, 2)
+    assert isinstance(upscaler, PatchwiseRunner) and measure == upscaler.measure
+    with pytest.raises(SrquantError, match="same LR image"):
+        upscaler.measure("x", torch.zeros(1, 3, 8, 8))
+
+
+def test_cli_granular_dq_on_a_real_network(assets: Path, tmp_path: Path) -> None:
+    assert "granular-dq" in METHODS
+    out, report, bits, maps = tmp_path / "imdn_gdq.pt", tmp_path / "r.json", tmp_path / "bits.json", tmp_path / "m"
+    argv = ["quantize", "--model", "imdn", "--scale", "4", "--method", "granular-dq", "--wbits", "8", "--abits", "8"]
+    assert main(argv + ["--iterations", "1", "-o", str(out), "--assets", str(assets), "--no-progress"]) == 0
+    argv = ["eval", "--model", str(out), "--scale", "4", "--datasets", "Set5", "--assets", str(assets)]
+    argv += ["--json", str(report), "--bits-json", str(bits), "--bitmap-dir", str(maps), "--no-progress"]
+    assert main(argv) == 0
+    row = json.loads(report.read_text())["results"][0]
+    assert 4.0 <= row["fab"] <= 8.0 and row["bitops_g"] > 0 and row["psnr"] > 20
+    per_image = json.loads(bits.read_text())["Set5"]
+    assert sorted(per_image) == ["baby", "bird", "butterfly", "head", "woman"]
+    for name, entry in per_image.items():
+        assert entry["fab"] == pytest.approx(sum(p["bit"] for p in entry["patches"]) / len(entry["patches"]))
+        assert (maps / "Set5" / f"{name}.png").is_file()
+    assert sum(entry["fab"] for entry in per_image.values()) / 5 == pytest.approx(row["fab"])
+    (same,) = api.evaluate_quantized(out, ["Set5"], 4, assets=assets)  # the Python API gives the same numbers
+    assert same.extras == pytest.approx({"fab": row["fab"], "bitops_g": row["bitops_g"]})
+    assert same.psnr == pytest.approx(row["psnr"])
