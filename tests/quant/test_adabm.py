@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,14 +32,7 @@ from srquant.quant.quantize import fp_mode, quantize_
 from srquant.quant.quantizers import QuantMode
 from srquant.quant.spec import QuantSpec, matches
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: the tiny tensors here gain nothing from threads and stall on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = AdaBMConfig(epochs=3, iterations=3, batch_size=2, crop=16, calib_count=8, calib_batch=4, guard_seed_batches=4)

@@ -16,13 +16,7 @@ from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.checkpoint import load_quantized, save_quantized
 from srquant.quant.spec import QuantSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adabm_checkpoint_reloads_bits_and_outputs_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
