@@ -42,3 +42,12 @@ def test_corrupt_and_missing_files_raise_one_line_naming_the_file(tmp_path: Path
 def test_tensor_round_trip() -> None:
     img = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     assert np.array_equal(to_uint8(to_tensor(img)), img)
+
+
+def test_conversion_note_is_shown_once_per_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode="L").save(tmp_path / "gray.png")
+    with caplog.at_level("WARNING", logger="srquant.data.io"):
+        read_image(tmp_path / "gray.png")
+        read_image(tmp_path / "gray.png")
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == ["gray.png: grayscale image replicated to 3 channels"]

@@ -58,7 +58,7 @@ def _add_assets_arg(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `srquant` argument parser with its sub-commands."""
     parser = argparse.ArgumentParser(prog="srquant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="print notes (image conversions etc.)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print more notes")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a model on benchmark sets (PSNR/SSIM on Y)")

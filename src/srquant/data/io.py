@@ -13,6 +13,16 @@ from PIL import Image, UnidentifiedImageError
 from srquant.errors import SrquantError
 
 log = logging.getLogger(__name__)
+_noted: set[str] = set()
+
+
+def _note(path: Path, message: str) -> None:
+    """Say once per file and process how an image was converted (visible without -v)."""
+    key = str(path.resolve())
+    if key not in _noted:
+        _noted.add(key)
+        log.warning("%s: %s", path.name, message)
+
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -23,17 +33,17 @@ def _to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        log.info("%s: %s image scaled from %d levels to 8 bits", path.name, mode, int(peak) + 1)
+        _note(path, f"{mode} image scaled from {int(peak) + 1} levels to 8 bits")
         gray = np.clip(np.floor(arr * 255.0 / peak + 0.5), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy()
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        log.info("%s: alpha channel dropped", path.name)
+        _note(path, "alpha channel dropped")
     elif mode in ("L", "1"):
-        log.info("%s: grayscale image replicated to 3 channels", path.name)
+        _note(path, "grayscale image replicated to 3 channels")
     elif mode != "P":
-        log.info("%s: %s image converted to RGB", path.name, mode)
+        _note(path, f"{mode} image converted to RGB")
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -55,7 +65,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode == "RGB" and _png_bit_depth(path) == 16:
-                log.info("%s: 16-bit RGB image reduced to 8 bits", path.name)
+                _note(path, "16-bit RGB image reduced to 8 bits")
             return _to_rgb8(img, path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         reason = str(err).splitlines()[0] if str(err) else "corrupt file"
