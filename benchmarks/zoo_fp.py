@@ -64,8 +64,11 @@ def write_table(done: dict, names: list[str], datasets: list[str]) -> None:
     lines.append("| model | scale | " + " | ".join(datasets) + " |")
     lines.append("|---|---|" + "---|" * len(datasets))
     checked = failed = 0
+    absent = [n for n in names if not any(k.startswith(f"{n}|") for k in done)]
     for name in names:
         entry = REGISTRY[name]
+        if name in absent:
+            continue
         for scale in entry.scales:
             ckpt = entry.checkpoint(scale)
             cells = []
@@ -84,6 +87,8 @@ def write_table(done: dict, names: list[str], datasets: list[str]) -> None:
                 cells.append(cell)
             lines.append(f"| {name} | x{scale} | " + " | ".join(cells) + " |")
     lines.append(f"\n{checked - failed} of {checked} reference numbers reproduced within tolerance.")
+    if absent:
+        lines.append(f"Not evaluated (weights not available in the asset directory): {', '.join(absent)}.")
     seconds = sum(v["seconds"] for v in done.values())
     lines.append(f"Total inference + scoring time: {seconds / 60:.1f} min.")
     out = RESULTS / "zoo_fp.md"
