@@ -45,7 +45,7 @@ from srquant.models.layout import QuantLayout
 from srquant.quant.accounting import layer_bits
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import QuantReport, fp_mode, mode_scope, quantize_, quantizers, set_mode
-from srquant.quant.quantizers import AsymmetricQuantizer, QuantMode, SymmetricQuantizer
+from srquant.quant.quantizers import AsymmetricQuantizer, QuantMode, SymmetricQuantizer, straight_through
 from srquant.quant.spec import QuantSpec, matches
 
 PHASES = ("weight", "activation", "bit")
@@ -138,11 +138,6 @@ def image_complexity(x: torch.Tensor) -> torch.Tensor:
     return 1000.0 * grad.abs().flatten(1).mean(dim=1)
 
 
-def _ste(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
-    """Hard value forward, gradient of the soft surrogate backward."""
-    return soft - soft.detach() + hard.detach()
-
-
 class BitController(nn.Module):
     """AdaBM's learnable bit state: Image2Bit thresholds (measure_l, measure_u) and Layer2Bit measures.
 
@@ -177,12 +172,12 @@ class BitController(nn.Module):
         lower, upper = self.measure_l, self.measure_u
         hard = (c > upper).float() - (c < lower).float()
         soft = torch.tanh((c - (upper + lower) / 2) * 2 / (upper - lower).abs().clamp_min(1e-6))
-        return _ste(soft, hard)
+        return straight_through(soft, hard)
 
     def layer_bits(self) -> torch.Tensor:
         """b_layer per adaptive layer: round(clamp(m, -1, 1)) forward, tanh(m) backward."""
         m = self.measure_layer
-        return _ste(torch.tanh(m), torch.round(m.clamp(-1.0, 1.0)))
+        return straight_through(torch.tanh(m), torch.round(m.clamp(-1.0, 1.0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation bits (B, n_layers) for a batch: base + b_img + b_layer."""

@@ -58,7 +58,7 @@ from srquant.metrics.complexity import OpsReport, bitops
 from srquant.models.layout import QuantLayout
 from srquant.quant.accounting import ops_report
 from srquant.quant.quantize import QuantReport, fp_mode, mode_scope, quantize_, quantizers, set_mode
-from srquant.quant.quantizers import LSQQuantizer, Quantizer, QuantMode
+from srquant.quant.quantizers import LSQQuantizer, Quantizer, QuantMode, straight_through
 from srquant.quant.spec import QuantSpec, matches
 
 log = logging.getLogger(__name__)
@@ -258,11 +258,6 @@ def patch_entropy(x: torch.Tensor, bins: int = 32, sigma: float = 0.0255) -> tor
 # ---------------------------------------------------------------------------------------------- controller
 
 
-def _ste(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
-    """Hard value forward, gradient of the soft surrogate backward."""
-    return soft - soft.detach() + hard.detach()
-
-
 class GranularityBitController(nn.Module):
     """GBC + E2B + ATC: per-patch bits from the head-conv features and the LR patch's entropy.
 
@@ -331,7 +326,7 @@ class GranularityBitController(nn.Module):
         else:
             soft = F.softmax(logits / self.tau, dim=-1)
         hard = F.one_hot(soft.argmax(dim=-1), len(self.gbc_bits)).to(soft.dtype)
-        return _ste(soft, hard)
+        return straight_through(soft, hard)
 
     def e2b(self, entropy: torch.Tensor) -> torch.Tensor:
         """Entropy -> bit code: <= t1 -> e2b[0], <= t2 -> e2b[1], else e2b[2]."""

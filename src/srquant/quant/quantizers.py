@@ -40,6 +40,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """The hard value forward, the gradient of a soft surrogate backward (AdaBM's bits, Granular-DQ's gates)."""
+    return soft - soft.detach() + hard.detach()
+
+
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a broadcast gradient back to a parameter's shape."""
     if grad.shape == shape:
