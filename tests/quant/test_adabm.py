@@ -1,9 +1,11 @@
-"""AdaBM on tiny models: adaptive bits (values and gradients), Image2Bit, Layer2Bit, BaC, guard, determinism."""
+"""AdaBM on tiny models: adaptive bits (values and gradients), Image2Bit, Layer2Bit, BaC, guard, determinism,
+ablation switches (and their survival through a checkpoint)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +26,12 @@ from srquant.methods.adabm import (
     image_complexity,
     run_adabm,
 )
+from srquant.methods.dynamic import dynamic_state, restore_dynamic
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.accounting import ops_report
 from srquant.quant.calibrators import quant_error
+from srquant.quant.checkpoint import load_quantized, save_quantized
 from srquant.quant.quantize import fp_mode, quantize_
 from srquant.quant.quantizers import QuantMode
 from srquant.quant.spec import QuantSpec, matches
@@ -211,3 +215,104 @@ def test_full_mode_fixes_head_and_tail_at_w8a8_and_unused_branches_stay_fp() -> 
     assert unused.mode is QuantMode.FP  # the x3 branch of the multi-scale upsampler never runs at x2
     with torch.no_grad():
         assert torch.isfinite(model(_smooth(1))).all()
+
+
+FLAT = torch.full((1, 3, 16, 16), 0.4)
+BUSY = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # far above any calibrated threshold
+
+
+def _controller_params(controller: BitController) -> list[torch.Tensor]:
+    """Copies of the controller's thresholds and layer measures."""
+    return [p.detach().clone() for p in controller.parameters()]
+
+
+def test_image2bit_off_gives_every_image_the_same_zero_image_bit_and_never_trains_thresholds() -> None:
+    _, result = _run(config=dataclasses.replace(SMALL, image2bit=False))
+    controller = result.controller
+    assert image_complexity(BUSY) > 100 * image_complexity(FLAT).clamp_min(1e-3)
+    assert controller.image_bits(FLAT).item() == controller.image_bits(BUSY).item() == 0
+    assert bit_report(controller, FLAT).per_layer == bit_report(controller, BUSY).per_layer
+    assert (controller.measure_l.item(), controller.measure_u.item()) == (0.0, 1.0)  # neither calibrated nor trained
+    assert controller.measure_l.grad is None and controller.measure_u.grad is None
+    assert set(controller.measure_layer.detach().tolist()) != {0.0}  # Layer2Bit still calibrated
+    assert result.phases.count("bit") == 3  # the layer measures are still trained in the bit phase
+
+
+def test_layer2bit_off_gives_every_layer_the_same_bit_for_an_image() -> None:
+    _, result = _run(config=dataclasses.replace(SMALL, layer2bit=False))
+    controller = result.controller
+    assert torch.equal(controller.measure_layer.detach(), torch.zeros(len(controller.layer_names)))
+    assert controller.measure_layer.grad is None
+    assert controller.sensitivity.abs().sum() > 0  # sensitivities are still recorded
+    for x in (FLAT, BUSY):
+        bits = controller(x)
+        assert torch.equal(bits, torch.full_like(bits, 4 + controller.image_bits(x).item()))
+    assert controller(FLAT)[0, 0] < controller(BUSY)[0, 0]  # Image2Bit still adapts
+
+
+def test_both_off_is_fixed_bit_at_the_base_with_the_same_weight_and_activation_fine_tuning() -> None:
+    config = dataclasses.replace(SMALL, epochs=6, image2bit=False, layer2bit=False)
+    model, result = _run(config=config)
+    controller = result.controller
+    fresh = BitController(controller.layer_names, 4)
+    assert all(
+        torch.equal(a, b) for a, b in zip(_controller_params(controller), _controller_params(fresh), strict=True)
+    )
+    assert all(p.grad is None for p in controller.parameters())
+    assert result.phases == (["weight"] * 3 + ["activation"] * 3) * 2  # bit phases take no step
+    assert all(math.isfinite(v) for v in result.losses)
+    for x in (FLAT, BUSY, _smooth(3)):
+        report = bit_report(controller, x)
+        assert report.fab == 4.0 and all(b == 4 for bits in report.per_layer.values() for b in bits)
+    bits = accounting_bits(model, controller, BUSY)
+    assert all(bits[name] == (4, 4) for name in controller.layer_names)
+
+
+def test_both_off_bit_phase_keeps_the_data_stream_of_the_full_schedule() -> None:
+    draws: dict[str, int] = {}
+    for label, config in (("adabm", SMALL), ("fixed", dataclasses.replace(SMALL, image2bit=False, layer2bit=False))):
+        inputs = _sampler()
+
+        def counted(n: int, inputs=inputs, label: str = label) -> torch.Tensor:
+            draws[label] = draws.get(label, 0) + 1
+            return inputs(n)
+
+        _run(config=config, sampler=counted)
+    assert draws["adabm"] == draws["fixed"]
+
+
+def test_switches_are_validated_and_recorded_in_the_preset() -> None:
+    assert get_adabm_preset("cpu", image2bit=False).image2bit is False
+    with pytest.raises(SrquantError, match="layer2bit"):
+        AdaBMConfig(layer2bit="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("image2bit,layer2bit", [(False, True), (True, False), (False, False)])
+def test_switches_survive_a_checkpoint_and_give_identical_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image2bit: bool, layer2bit: bool
+) -> None:
+    config = dataclasses.replace(SMALL, image2bit=image2bit, layer2bit=layer2bit)
+    model, result = _run(config=config)
+    path = tmp_path / "adabm.pt"
+    spec = QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False)
+    save_quantized(model, path, "imdn", spec, {"method": "adabm"}, dynamic_state(result.controller))
+    entry = REGISTRY["imdn"]
+    monkeypatch.setitem(REGISTRY, "imdn", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
+    again, record = load_quantized(path)
+    controller = restore_dynamic(again, record)
+    assert isinstance(controller, BitController)
+    assert (controller.image2bit, controller.layer2bit) == (image2bit, layer2bit)
+    x = torch.cat([FLAT, BUSY, _smooth(2)])
+    with torch.no_grad():
+        assert torch.equal(controller(x), result.controller(x))
+        assert torch.equal(again(x), model(x))
+
+
+def test_a_bit_state_saved_before_the_switches_loads_with_both_on() -> None:
+    _, controller = _calibrated()
+    state = controller.state_dict()
+    state["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k in ("layer_names", "base_bits")}
+    fresh = BitController(controller.layer_names, 4, image2bit=False, layer2bit=False)
+    fresh.load_state_dict(state)
+    assert fresh.image2bit and fresh.layer2bit
+    assert torch.equal(fresh(torch.cat([FLAT, BUSY])), controller(torch.cat([FLAT, BUSY])))

@@ -22,6 +22,13 @@ with the hard value used forward and a tanh surrogate backward (`soft - soft.det
 Departures from the released code: max|W| (above); the model stays in eval mode throughout (the original's
 train-mode calibration would move BatchNorm statistics); a divergence guard rolls back every trainable method
 parameter (the original can collapse to about 6 dB when the weight bounds blow up); no test-set model selection.
+
+Ablation switches (`AdaBMConfig.image2bit`, `layer2bit`, `bit_aware_clipping`): with `image2bit=False` b_img is 0
+for every image and the thresholds are neither calibrated nor trained; with `layer2bit=False` b_layer is 0 and the
+layer measures are neither calibrated nor trained (the sensitivities are still recorded). With both off the
+method is fixed-bit at the base with the same quantizer, calibration, BaC and weight/activation fine-tuning: the
+bit phases keep their place in the schedule (same batches drawn, same learning-rate decay) but take no step. The
+switches are part of the controller's state, so a reloaded checkpoint gives the same bits.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +85,8 @@ class AdaBMConfig:
     bac_candidates: int = 100
     bac_blend: float = 0.5
     bit_aware_clipping: bool = True
+    image2bit: bool = True  # ablation: False fixes b_img = 0 (thresholds not calibrated, not trained)
+    layer2bit: bool = True  # ablation: False fixes b_layer = 0 (layer measures not calibrated, not trained)
     augment: bool = True
     seed: int = 0
     blowup_factor: float = 4.0
@@ -85,6 +94,9 @@ class AdaBMConfig:
     guard_seed_batches: int = 8
 
     def __post_init__(self) -> None:
+        for name in ("bit_aware_clipping", "image2bit", "layer2bit", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise SrquantError(f"AdaBM {name} must be True or False, got {getattr(self, name)!r}")
         if min(self.epochs, self.iterations) < 0:
             raise SrquantError("AdaBM needs epochs >= 0 and iterations >= 0")
         if min(self.batch_size, self.crop, self.calib_count, self.calib_batch) < 1:
@@ -143,13 +155,18 @@ class BitController(nn.Module):
 
     It belongs to the method, not to the architecture: `attach_controller` hooks it onto a model so every
     forward sets each adaptive layer's per-sample `bits_override`. Its state_dict holds the thresholds, the
-    measures, the calibrated sensitivities and (extra state) the layer names and base bits.
+    measures, the calibrated sensitivities and (extra state) the layer names, base bits and ablation switches:
+    `image2bit=False` makes b_img 0, `layer2bit=False` makes b_layer 0.
     """
 
-    def __init__(self, layer_names: Sequence[str], base_bits: int) -> None:
+    def __init__(
+        self, layer_names: Sequence[str], base_bits: int, image2bit: bool = True, layer2bit: bool = True
+    ) -> None:
         super().__init__()
         self.layer_names = tuple(layer_names)
         self.base_bits = int(base_bits)
+        self.image2bit = bool(image2bit)
+        self.layer2bit = bool(layer2bit)
         self.measure_l = nn.Parameter(torch.tensor(0.0))
         self.measure_u = nn.Parameter(torch.tensor(1.0))
         self.measure_layer = nn.Parameter(torch.zeros(len(self.layer_names)))
@@ -157,17 +174,31 @@ class BitController(nn.Module):
         self.last_bits: torch.Tensor | None = None
 
     def get_extra_state(self) -> dict[str, object]:
-        """Layer names and base bits travel with the state so a checkpoint cannot load into another model."""
-        return {"layer_names": list(self.layer_names), "base_bits": self.base_bits}
+        """Layer names, base bits and switches travel with the state: a reload gives the same bits or fails."""
+        return {
+            "layer_names": list(self.layer_names),
+            "base_bits": self.base_bits,
+            "image2bit": self.image2bit,
+            "layer2bit": self.layer2bit,
+        }
 
     def set_extra_state(self, state: dict[str, object]) -> None:
-        """Refuse a state saved for other layers or another base bit-width."""
+        """Refuse a state saved for other layers or another base bit-width; take its switches (absent = on)."""
         names, base = tuple(state["layer_names"]), int(state["base_bits"])  # type: ignore[arg-type,call-overload]
         if names != self.layer_names or base != self.base_bits:
             raise SrquantError("AdaBM bit state was saved for other layers or another base bit-width")
+        self.image2bit = bool(state.get("image2bit", True))  # states written before the switches had both on
+        self.layer2bit = bool(state.get("layer2bit", True))
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The bit parameters that can change the bits: thresholds with Image2Bit on, measures with Layer2Bit on."""
+        params = [self.measure_l, self.measure_u] if self.image2bit else []
+        return params + [self.measure_layer] if self.layer2bit else params
 
     def image_bits(self, x: torch.Tensor) -> torch.Tensor:
-        """b_img per sample in {-1, 0, +1}; surrogate tanh((c - (u+l)/2) * 2 / (u-l)) backward."""
+        """b_img per sample in {-1, 0, +1}; surrogate tanh((c - (u+l)/2) * 2 / (u-l)) backward (0 when off)."""
+        if not self.image2bit:
+            return x.new_zeros(x.shape[0])
         c = image_complexity(x)
         lower, upper = self.measure_l, self.measure_u
         hard = (c > upper).float() - (c < lower).float()
@@ -175,8 +206,10 @@ class BitController(nn.Module):
         return straight_through(soft, hard)
 
     def layer_bits(self) -> torch.Tensor:
-        """b_layer per adaptive layer: round(clamp(m, -1, 1)) forward, tanh(m) backward."""
+        """b_layer per adaptive layer: round(clamp(m, -1, 1)) forward, tanh(m) backward (0 when off)."""
         m = self.measure_layer
+        if not self.layer2bit:
+            return m.detach().new_zeros(m.shape)
         return straight_through(torch.tanh(m), torch.round(m.clamp(-1.0, 1.0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,6 +335,8 @@ def calibrate_adabm(
         with mode_scope(model, QuantMode.CALIBRATE):
             for batch in batches:
                 model(batch)
+                if not controller.image2bit:
+                    continue
                 c = image_complexity(batch)
                 lo, hi = float(torch.quantile(c, low_q)), float(torch.quantile(c, high_q))
                 if lower is None or upper is None:
@@ -318,14 +353,16 @@ def calibrate_adabm(
     for name, module in named:
         if name not in unused:
             module.input_quantizer.set_bounds(cals[name].lo, cals[name].hi)  # type: ignore[operator]
-    assert lower is not None and upper is not None
-    controller.measure_l.fill_(lower)
-    controller.measure_u.fill_(max(upper, lower + 1e-3))
+    if controller.image2bit:
+        assert lower is not None and upper is not None
+        controller.measure_l.fill_(lower)
+        controller.measure_u.fill_(max(upper, lower + 1e-3))
     sens = torch.tensor([cals[n].std_sum / cals[n].batches for n in controller.layer_names])
     controller.sensitivity.copy_(sens)
-    q = config.layer_percentile / 100
-    low, high = torch.quantile(sens, q), torch.quantile(sens, 1 - q)
-    controller.measure_layer.copy_((sens > high).float() - (sens < low).float())
+    if controller.layer2bit:
+        q = config.layer_percentile / 100
+        low, high = torch.quantile(sens, q), torch.quantile(sens, 1 - q)
+        controller.measure_layer.copy_((sens > high).float() - (sens < low).float())
     set_mode(model, QuantMode.QUANT)
     for name, module in named:
         if name in unused:  # never reached (an upsampler of another scale): left in floating point
@@ -391,11 +428,11 @@ class AdaBMResult:
 
 
 def _method_parameters(model: nn.Module, controller: BitController) -> dict[str, list[nn.Parameter]]:
-    """Trainable parameters per phase: weight bounds, activation bounds, bit thresholds and measures."""
+    """Trainable parameters per phase: weight bounds, activation bounds, the switched-on bit thresholds/measures."""
     weights, acts = [], []
     for name, q in quantizers(model):
         (weights if name.endswith("weight_quantizer") else acts).extend(q.parameters(recurse=False))
-    return {"weight": weights, "activation": acts, "bit": list(controller.parameters())}
+    return {"weight": weights, "activation": acts, "bit": controller.trainable()}
 
 
 def _distill_loss(
@@ -437,7 +474,7 @@ def run_adabm(
     adaptive = tuple(name for name in report.layers if matches(name, layout.body))
     if not adaptive:
         raise SrquantError("AdaBM found no adaptive layers: the layout's body matched nothing")
-    controller = BitController(adaptive, a_bits)
+    controller = BitController(adaptive, a_bits, config.image2bit, config.layer2bit)
     sizes = [min(config.calib_batch, config.calib_count - i) for i in range(0, config.calib_count, config.calib_batch)]
     calib = [draw_batch(n) for n in sizes]
     calibrate_adabm(model, controller, calib, config)
@@ -449,6 +486,13 @@ def run_adabm(
     _fine_tune(model, controller, calib, draw_batch, config, result, progress)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _decay(optimizers: Iterable[torch.optim.Optimizer], gamma: float) -> None:
+    """StepLR(step_size=1, gamma) on every optimizer at each phase change, as the original's schedulers."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] *= gamma
 
 
 def _fine_tune(
@@ -466,17 +510,17 @@ def _fine_tune(
     groups = _method_parameters(model, controller)
     controller_params = set(map(id, groups["bit"]))
     trainable = [p for phase in PHASES for p in groups[phase]]
+    bit_groups: list[dict[str, object]] = []  # only the switched-on adaptations are given to an optimizer
+    if controller.image2bit:
+        bit_groups.append({"params": [controller.measure_l, controller.measure_u], "lr": config.lr_measure_img})
+    if controller.layer2bit:
+        bit_groups.append({"params": [controller.measure_layer], "lr": config.lr_measure_layer})
     optimizers = {
         "weight": torch.optim.Adam(groups["weight"], lr=config.lr_w, betas=config.betas),
         "activation": torch.optim.Adam(groups["activation"], lr=config.lr_a, betas=config.betas),
-        "bit": torch.optim.Adam(
-            [
-                {"params": [controller.measure_l, controller.measure_u], "lr": config.lr_measure_img},
-                {"params": [controller.measure_layer], "lr": config.lr_measure_layer},
-            ],
-            betas=config.betas,
-        ),
     }
+    if bit_groups:
+        optimizers["bit"] = torch.optim.Adam(bit_groups, betas=config.betas)
     stages = tuple(getattr(model, "stage_names", ()))
     generator = torch.Generator().manual_seed(config.seed)
     good = [p.detach().clone() for p in trainable]
@@ -501,6 +545,14 @@ def _fine_tune(
     for epoch in range(config.epochs):
         phase = PHASES[epoch % len(PHASES)]
         active = groups[phase]
+        if not active:  # a bit phase with both adaptations off: same batches drawn, no step taken
+            for _ in range(config.iterations):
+                draw_batch(config.batch_size)
+                if config.augment:
+                    torch.randint(8, (1,), generator=generator)
+            bar.update(config.iterations)
+            _decay(optimizers.values(), config.lr_gamma)
+            continue
         optimizer = optimizers[phase]
         active_ids = set(map(id, active))
         for p in controller.parameters():
@@ -539,9 +591,7 @@ def _fine_tune(
                 result.losses.append(value)
                 result.phases.append(phase)
                 bar.set_postfix(phase=phase, loss=f"{value:.4f}")
-        for opt in optimizers.values():  # StepLR(step_size=1, gamma) on every optimizer at each phase change
-            for group in opt.param_groups:
-                group["lr"] *= config.lr_gamma
+        _decay(optimizers.values(), config.lr_gamma)
         if result.stopped_early:
             break
     bar.close()
