@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from srquant.assets import asset_dir
 from srquant.data.benchmark import BenchmarkSet
+from srquant.data.calibration import CropSampler
 from srquant.data.io import read_image, to_tensor, to_uint8, write_image
+from srquant.deploy.onnx_export import ExportReport, export_onnx
+from srquant.deploy.speed import SpeedReport, bench_onnxruntime
+from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult, evaluate
 from srquant.methods.dynamic import DynamicController, eval_hooks, load_dynamic
 from srquant.methods.pipeline import QuantizationResult, quantize_model
@@ -41,6 +47,8 @@ def quantize(
     assets: str | Path | None = None,
     full: bool = False,
     progress: bool = False,
+    weight_quantizer: str = "asymmetric",
+    output_bits: int | None = None,
     **overrides: object,
 ) -> QuantizationResult:
     """Load a zoo model and quantize it by `method` (see `METHODS`, e.g. 2dquant, adabm, granular-dq).
@@ -53,7 +61,7 @@ def quantize(
     root = asset_dir(assets)
     folder = Path(calib) if calib is not None else root / "calibration" / "train291"
     model = load_model(name, scale, assets)
-    spec = QuantSpec(w_bits=w_bits, a_bits=a_bits, full=full)
+    spec = QuantSpec(w_bits, a_bits, full=full, weight_quantizer=weight_quantizer, output_bits=output_bits)
     return quantize_model(
         model, get_entry(name).layout, method, spec, folder, preset, root / "datasets", progress, **overrides
     )
@@ -83,7 +91,9 @@ def write_lr_set(dataset: str, scale: int, out: str | Path, assets: str | Path |
 
 __all__ = [
     "DatasetResult",
+    "bench_speed",
     "evaluate",
+    "export_quantized",
     "load_model",
     "quantize",
     "upscale",
@@ -122,3 +132,71 @@ def evaluate_quantized(
         upscaler, measure = eval_hooks(model, controller, scale, log, maps)
         results += evaluate(model, [dataset], scale, conventions, assets, None, progress, measure, upscaler)
     return results
+
+
+def _fixed_bit_model(path: str | Path) -> nn.Module:
+    """A quantized checkpoint that has one static integer graph; dynamic-bit models are refused in one line."""
+    model, record, controller = load_dynamic(path)
+    if controller is not None:
+        method = record.get("meta", {}).get("method", "a dynamic method")
+        raise SrquantError(
+            f"{path} is a dynamic-bit model ({method}): its bits change per image or patch, and onnxruntime has no "
+            "per-sample bit switching; export a fixed-bit model (docs/deploy.md)"
+        )
+    return model
+
+
+def calibration_inputs(
+    scale: int, calib: str | Path | None = None, assets: str | Path | None = None, count: int = 16, size: int = 64
+) -> list[torch.Tensor] | None:
+    """LR crops from the calibration folder (default `<assets>/calibration/train291`), or None if absent."""
+    try:
+        root = asset_dir(assets)
+    except SrquantError:
+        if calib is None:
+            return None
+        root = None
+    folder = Path(calib) if calib is not None else root / "calibration" / "train291"  # type: ignore[operator]
+    if not folder.is_dir():
+        return None
+    datasets = root / "datasets" if root is not None else None
+    crops, _ = CropSampler(folder, scale, size, datasets).draw(count, np.random.default_rng(0))
+    return list(crops.split(4))
+
+
+def export_quantized(
+    path: str | Path,
+    out: str | Path,
+    size: tuple[int, int] | None = None,
+    calib: str | Path | None = None,
+    assets: str | Path | None = None,
+) -> ExportReport:
+    """`srquant export`: a fixed-bit A8 checkpoint as an integer QDQ ONNX graph for onnxruntime."""
+    model = _fixed_bit_model(path)
+    return export_onnx(model, out, calibration_inputs(int(model.scale), calib, assets), size)
+
+
+def bench_speed(
+    path: str | Path,
+    size: tuple[int, int] = (256, 256),
+    threads: int | None = None,
+    runs: int = 10,
+    assets: str | Path | None = None,
+    calib: str | Path | None = None,
+    psnr_dataset: str | None = "Set5",
+) -> SpeedReport:
+    """`srquant bench-speed`: integer vs fastest FP32 onnxruntime latency, peak memory, and the PSNR change."""
+    model = _fixed_bit_model(path)
+    scale = int(model.scale)
+
+    def psnr(upscaler: Any) -> float:
+        return evaluate(model, [psnr_dataset], scale, ["basicsr"], assets, progress=False, upscaler=upscaler)[0].psnr
+
+    return bench_onnxruntime(
+        model,
+        size,
+        threads or os.cpu_count() or 1,
+        runs,
+        calibration_inputs(scale, calib, assets),
+        psnr if psnr_dataset else None,
+    )

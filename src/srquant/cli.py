@@ -14,6 +14,7 @@ from torch import nn
 from srquant import api
 from srquant.assets import asset_dir
 from srquant.data.io import read_image, to_tensor, to_uint8, write_image
+from srquant.deploy.speed import parse_size
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
 from srquant.methods.dynamic import DynamicController, eval_hooks, load_dynamic
@@ -34,6 +35,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except SrquantError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _comma_list(text: str) -> list[str]:
@@ -101,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("-o", "--output", type=Path, required=True)
     qz.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="calibration schedule (default: cpu)")
     qz.add_argument("--full", action="store_true", help="also run head/upsampler/tail at W8A8 (fully quantized)")
+    qz.add_argument(
+        "--weight-quantizer",
+        choices=("asymmetric", "symmetric"),
+        default="asymmetric",
+        help="weight grid of the fixed-bit methods (symmetric weights export to int8 exactly; default asymmetric)",
+    )
+    qz.add_argument(
+        "--output-bits",
+        type=_positive_int,
+        help="also quantize each quantized layer's output at B bits, as integer kernels do (use 8 before export)",
+    )
+    qz.add_argument("--no-matmul", action="store_true", help="leave attention matmul operands in float (transformers)")
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     qz.add_argument(
         "--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch; Granular-DQ)"
@@ -110,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--weights", help="start from this float checkpoint instead of the registry's")
     qz.add_argument("--no-progress", action="store_true")
     _add_assets_arg(qz)
+
+    ex = sub.add_parser("export", help="write a fixed-bit A8 quantized checkpoint as an integer ONNX (QDQ) graph")
+    ex.add_argument("--model", required=True, type=Path, help="quantized checkpoint (.pt from `srquant quantize`)")
+    ex.add_argument("-o", "--output", required=True, type=Path, help="the .onnx file to write")
+    ex.add_argument("--size", type=_size, help="LR HxW to export for (needed by networks that pad inside)")
+    ex.add_argument("--calib", type=Path, help="images for output ranges the model does not simulate")
+    _add_assets_arg(ex)
+
+    bs = sub.add_parser("bench-speed", help="integer vs FP32 latency, peak memory and PSNR change on one runtime")
+    bs.add_argument("--model", required=True, type=Path, help="quantized checkpoint (fixed-bit, A8)")
+    bs.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",), help="runtime (see docs/deploy.md)")
+    bs.add_argument("--size", type=_size, default=(256, 256), help="LR HxW to time (default 256x256)")
+    bs.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
+    bs.add_argument("--runs", type=_positive_int, default=10, help="timed rounds; the median is reported")
+    bs.add_argument("--psnr-dataset", default="Set5", help="benchmark for the PSNR change ('none' to skip)")
+    bs.add_argument("--calib", type=Path, help="images for output ranges the model does not simulate")
+    bs.add_argument("--json", type=Path, help="write the measurement here")
+    _add_assets_arg(bs)
 
     models = sub.add_parser("models", help="list the model zoo and what is available locally")
     _add_assets_arg(models)
@@ -208,7 +246,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise SrquantError(f"calibration folder {calib} not found; pass --calib DIR (training images, not a benchmark)")
     entry = get_entry(args.model)
     model = api.load_model(args.model, args.scale, args.assets, args.weights)
-    spec = QuantSpec(w_bits=args.wbits, a_bits=args.abits, full=args.full)
+    spec = QuantSpec(
+        w_bits=args.wbits,
+        a_bits=args.abits,
+        full=args.full,
+        weight_quantizer=args.weight_quantizer,
+        output_bits=args.output_bits,
+        matmul=not args.no_matmul,
+    )
     result = quantize_model(
         model,
         entry.layout,
@@ -238,6 +283,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     bits = f"W{args.wbits}A{args.abits}" if args.method != "granular-dq" else f"W{result.spec.w_bits} patch-wise A"
     print(f"{entry.name} x{args.scale} {args.method} {bits}: {result.report.summary()}")
     print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets)
+    shape = "any LR size" if report.dynamic_axes else f"LR {args.size[0]}x{args.size[1]}"
+    print(f"wrote {args.output}: {len(report.convs)} integer convs, for {shape}")
+    if report.regridded_weights:
+        print(f"note: {len(report.regridded_weights)} weights re-gridded to symmetric int8 (not bit-exact)")
+    unsimulated = report.calibrated_outputs + report.image_outputs + report.shared_outputs
+    if unsimulated:
+        print(f"note: {len(unsimulated)} conv outputs are rounded to 8 bits without simulation (use --output-bits 8)")
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    dataset = None if args.psnr_dataset.lower() == "none" else args.psnr_dataset
+    result = api.bench_speed(args.model, args.size, args.threads, args.runs, args.assets, args.calib, dataset)
+    print(f"backend {result.backend}, LR {args.size[0]}x{args.size[1]}, {result.threads} threads, {result.runs} runs")
+    for setting, ms in result.timings_ms.items():
+        print(f"  {setting:<14} {ms:9.1f} ms")
+    print(f"fp32 {result.fp32_ms:.1f} ms ({result.fp32_setting}), int {result.int_ms:.1f} ms ({result.int_setting}):")
+    print(f"speed-up {result.speedup:.2f}x; peak memory {result.peak_mb:.0f} MB int, {result.fp32_peak_mb:.0f} MB fp32")
+    if result.psnr_delta_db is not None:
+        print(
+            f"{dataset} PSNR fake-quant {result.psnr_fake:.4f} dB, integer {result.psnr_int:.4f} dB, "
+            f"difference {result.psnr_delta_db:+.4f} dB"
+        )
+    if args.json:
+        result.write(args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -281,6 +357,8 @@ COMMANDS = {
     "data": cmd_data,
     "upscale": cmd_upscale,
     "models": cmd_models,
+    "export": cmd_export,
+    "bench-speed": cmd_bench_speed,
 }
 
 

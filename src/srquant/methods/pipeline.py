@@ -106,6 +106,8 @@ def quantize_model(
     """Quantize a float model in place by `method`; calibration data are LR crops of `calib_folder`."""
     if method not in METHODS:
         raise SrquantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in ("adabm", "granular-dq") and spec.output_bits is not None:
+        raise SrquantError(f"{method} sets per-image activation bits; output quantization is for fixed-bit methods")
     if method == "adabm":
         return _quantize_adabm(model, layout, spec, Path(calib_folder), preset, datasets_root, progress, overrides)
     if method == "granular-dq":

@@ -16,24 +16,31 @@ from srquant.quant.quantizers import Quantizer
 
 
 class QuantizedModule:
-    """Marker mixin: the module fake-quantizes its input and weight."""
+    """Marker mixin: the module fake-quantizes its input and weight (and its output when it has one)."""
 
     input_quantizer: Quantizer
     weight_quantizer: Quantizer
+
+    def _quantize_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Apply the optional `output_quantizer` (integer-kernel outputs); absent means float outputs."""
+        quantizer = self._modules.get("output_quantizer")  # type: ignore[attr-defined]
+        return out if quantizer is None else quantizer(out)
 
 
 class QuantConvMixin(QuantizedModule):
     """Quantize the input and the weight right where the convolution runs."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return super()._conv_forward(self.input_quantizer(input), self.weight_quantizer(weight), bias)  # type: ignore[misc]
+        out = super()._conv_forward(self.input_quantizer(input), self.weight_quantizer(weight), bias)  # type: ignore[misc]
+        return self._quantize_output(out)
 
 
 class QuantLinearMixin(QuantizedModule):
     """Quantize the input and the weight of a linear layer."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias)  # type: ignore[attr-defined]
+        out = F.linear(self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias)  # type: ignore[attr-defined]
+        return self._quantize_output(out)
 
 
 class QuantConv2d(QuantConvMixin, nn.Conv2d):

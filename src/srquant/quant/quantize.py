@@ -50,10 +50,10 @@ def _weight_quantizer(kind: str, bits: int, groups: int) -> Quantizer:
     return AsymmetricQuantizer(bits, groups=groups)
 
 
-def _act_quantizer(kind: str, bits: int, one_sided: bool) -> Quantizer:
+def _act_quantizer(kind: str, bits: int, one_sided: bool, align_zero: bool = False) -> Quantizer:
     if kind == "lsq":
         return LSQQuantizer(bits, signed=not one_sided)
-    return AsymmetricQuantizer(bits, one_sided=one_sided)
+    return AsymmetricQuantizer(bits, one_sided=one_sided, align_zero=align_zero)
 
 
 def _set_child(model: nn.Module, dotted: str, child: nn.Module) -> None:
@@ -85,9 +85,11 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
         groups = next((g for pattern, g in layout.weight_groups if matches(name, (pattern,))), 1)
         convert_module(
             module,
-            _act_quantizer(spec.act_quantizer, a_bits, one_sided),
+            _act_quantizer(spec.act_quantizer, a_bits, one_sided, align_zero=spec.output_bits is not None),
             _weight_quantizer(spec.weight_quantizer, w_bits, groups),
         )
+        if spec.output_bits is not None:
+            module.output_quantizer = AsymmetricQuantizer(spec.output_bits, align_zero=True)
         report.layers[name] = (w_bits, a_bits)
     if spec.matmul:
         for name, module in list(model.named_modules()):

@@ -97,6 +97,21 @@ def fake_quant_asymmetric(
     return round_ste((clipped - lower) / step) * step + lower
 
 
+def zero_aligned(
+    lower: torch.Tensor, upper: torch.Tensor, bits: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift [lower, upper] by less than half a step so that 0 is a grid point (an integer zero point).
+
+    uint8 kernels (onnxruntime's QLinearConv) store x as round(x / s) + z with an integer z; a grid aligned
+    this way is exactly representable, so the integer model computes what the fake-quant model computes.
+    """
+    levels = levels_for(bits)
+    step = (upper - lower).clamp_min(1e-8) / levels
+    zero = round_ste(torch.clamp(-lower / step, 0, levels))
+    aligned = -zero * step
+    return aligned, aligned + levels * step
+
+
 class Quantizer(nn.Module):
     """Base class: mode handling, calibration hand-off, and an optional per-sample bit override."""
 
@@ -137,10 +152,11 @@ class AsymmetricQuantizer(Quantizer):
     the first dimension its own bounds (a fused qkv weight quantized as separate q, k and v weights).
     """
 
-    def __init__(self, bits: int, one_sided: bool = False, groups: int = 1) -> None:
+    def __init__(self, bits: int, one_sided: bool = False, groups: int = 1, align_zero: bool = False) -> None:
         super().__init__(bits)
         self.one_sided = one_sided
         self.groups = groups
+        self.align_zero = align_zero  # snap the grid to an integer zero point (for integer export)
         shape = (groups,) if groups > 1 else ()
         self.lower_bound = nn.Parameter(torch.zeros(shape))
         self.upper_bound = nn.Parameter(torch.ones(shape))
@@ -168,10 +184,13 @@ class AsymmetricQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         lower, upper = self._bounds()
+        if self.align_zero:
+            lower, upper = zero_aligned(lower, upper, self.effective_bits())
         return fake_quant_asymmetric(self.grouped(x), lower, upper, self.effective_bits()).reshape(x.shape)
 
     def extra_repr(self) -> str:
         extras = (", one_sided" if self.one_sided else "") + (f", groups={self.groups}" if self.groups > 1 else "")
+        extras += ", align_zero" if self.align_zero else ""
         return super().extra_repr() + extras
 
 

@@ -18,7 +18,10 @@ class QuantSpec:
     Layer selection: a module is quantized at (w_bits, a_bits) if its name matches `layers` (default: the
     architecture layout's body) and not `keep_fp`; it is quantized at W8A8 if it matches `fixed_8bit`
     (default: the layout's, when `full` is set). Attention matmul operands are quantized at a_bits when
-    `matmul` is set and the architecture exposes the hooks.
+    `matmul` is set and the architecture exposes the hooks. With `output_bits`, every quantized layer also
+    quantizes its output (bias included) at that width, as integer kernels such as onnxruntime's QLinearConv
+    do, and every activation grid gets an integer zero point (uint8 kernels need one); the simulated model
+    then computes what the exported integer graph computes.
     """
 
     w_bits: int = 4
@@ -30,12 +33,15 @@ class QuantSpec:
     matmul: bool = True
     weight_quantizer: str = "asymmetric"
     act_quantizer: str = "asymmetric"
+    output_bits: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
             if not isinstance(bits, int) or not 1 <= bits <= 16:
                 raise ValueError(f"{name} must be an integer in [1, 16], got {bits!r}")
+        if self.output_bits is not None and (not isinstance(self.output_bits, int) or not 2 <= self.output_bits <= 16):
+            raise ValueError(f"output_bits must be None or an integer in [2, 16], got {self.output_bits!r}")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ValueError(f"weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
         if self.act_quantizer not in ACT_QUANTIZERS:
@@ -58,6 +64,7 @@ class QuantSpec:
             "matmul": self.matmul,
             "weight_quantizer": self.weight_quantizer,
             "act_quantizer": self.act_quantizer,
+            "output_bits": self.output_bits,
             "extra": dict(self.extra),
         }
 

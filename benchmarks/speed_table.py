@@ -1,0 +1,247 @@
+"""Real integer inference on this CPU: onnxruntime int8 (QDQ) against its fastest FP32 setting; checkpoint sizes.
+
+    python benchmarks/speed_table.py --assets ../shared/assets [--threads 2] [--runs 10] [--size 256x256]
+        [--only speed,sizes,profile,pt2e]
+
+Speed: every shipped CNN at x4 and the transformers, quantized W8A8 (fully: head and tail too) by MinMax with
+symmetric weights and simulated 8-bit outputs (`--output-bits 8`), exported with `srquant export`, timed with
+`srquant bench-speed` (FP32 at onnxruntime's "extended" and "all" levels, the faster counts; both graphs
+interleaved in one process; median of --runs), Set5 PSNR of the integer graph against the fake-quant model.
+Sizes: the float checkpoint against packed 8/4/2-bit checkpoints (MinMax, default layers). Profile: time per
+operator type of the integer and float graphs (why a network gains or not). PT2E: PyTorch's x86 Inductor int8
+flow against eager, channels-last and compiled FP32 on IMDN (the candidate second backend).
+Run it on an idle machine: the numbers are wall-clock times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, header, load_json, update_json
+
+from srquant import api
+from srquant.deploy.onnx_export import export_float_onnx, export_onnx
+from srquant.deploy.speed import parse_size
+from srquant.methods.pipeline import quantize_model
+from srquant.models.registry import get_entry
+from srquant.quant.checkpoint import save_quantized
+from srquant.quant.spec import QuantSpec
+
+SCALE = 4
+CNNS = ("imdn", "pan", "carn-m")
+TRANSFORMERS = ("eswt", "lmlt-tiny")
+OUT = RESULTS / "speed_cpu.json"
+
+
+def quantize_w8a8(name: str, assets: str, folder: Path) -> Path:
+    """The deployable W8A8 recipe: full, MinMax, symmetric weights, simulated integer outputs, float matmuls."""
+    model = api.load_model(name, SCALE, assets)
+    spec = QuantSpec(8, 8, full=True, weight_quantizer="symmetric", output_bits=8, matmul=False)
+    root = Path(assets)
+    result = quantize_model(model, get_entry(name).layout, "minmax", spec, root / "calibration" / "train291")
+    path = folder / f"{name}_w8a8.pt"
+    save_quantized(model, path, name, result.spec, {"method": "minmax", "calib_seconds": result.calib_seconds})
+    return path
+
+
+def run_speed(names: list[str], args: argparse.Namespace, folder: Path) -> None:
+    """bench-speed for each network; one JSON cell per network."""
+    for name in names:
+        start = time.perf_counter()
+        path = quantize_w8a8(name, args.assets, folder)
+        report = api.bench_speed(path, args.size, args.threads, args.runs, args.assets)
+        cell = report.to_json() | {"wall_seconds": time.perf_counter() - start}
+        update_json(OUT, f"speed|{name}", cell)
+        print(
+            f"{name:<10} fp32 {report.fp32_ms:8.1f} ms ({report.fp32_setting}) int {report.int_ms:8.1f} ms "
+            f"({report.int_setting}) x{report.speedup:.2f}  Set5 {report.psnr_fake:.3f} -> {report.psnr_int:.3f} "
+            f"({report.psnr_delta_db:+.4f} dB)  peak {report.peak_mb:.0f}/{report.fp32_peak_mb:.0f} MB",
+            flush=True,
+        )
+
+
+def run_sizes(names: list[str], assets: str, folder: Path) -> None:
+    """On-disk size of the float state dict and of packed 8/4/2-bit checkpoints (MinMax, default layers)."""
+    for name in names:
+        model = api.load_model(name, SCALE, assets)
+        float_path = folder / f"{name}_float.pt"
+        torch.save(model.state_dict(), float_path)
+        cell: dict[str, object] = {"float_bytes": float_path.stat().st_size}
+        for bits in (8, 4, 2):
+            model = api.load_model(name, SCALE, assets)
+            result = quantize_model(
+                model,
+                get_entry(name).layout,
+                "minmax",
+                QuantSpec(bits, bits),
+                Path(assets) / "calibration" / "train291",
+            )
+            path = folder / f"{name}_w{bits}.pt"
+            cell[f"w{bits}_bytes"] = save_quantized(model, path, name, result.spec, {"method": "minmax"})
+            cell[f"w{bits}_layers"] = result.report.summary()
+        update_json(OUT, f"sizes|{name}", cell)
+        print(name, {k: v for k, v in cell.items() if k.endswith("bytes")}, flush=True)
+
+
+def op_profile(path: Path, size: tuple[int, int], threads: int, runs: int = 3) -> dict[str, float]:
+    """Milliseconds per onnxruntime operator type (mean over runs) for one graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+        session.run(None, {"lr": x})
+        for _ in range(runs):
+            session.run(None, {"lr": x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1000.0 / (runs + 1)
+    return dict(totals.most_common())
+
+
+def run_profile(names: list[str], args: argparse.Namespace, folder: Path) -> None:
+    """Where the time goes in the integer and float graphs of each network."""
+    for name in names:
+        model, _, _ = api.load_quantized_model(quantize_w8a8(name, args.assets, folder))
+        fixed = int(getattr(model, "pad_multiple", 1)) != 1
+        export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None)
+        export_float_onnx(model, folder / f"{name}_fp32.onnx", args.size if fixed else None)
+        cell = {
+            kind: op_profile(folder / f"{name}_{kind}.onnx", args.size, args.threads or 2) for kind in ("int", "fp32")
+        }
+        update_json(OUT, f"profile|{name}", cell)
+        print(name, {k: round(v) for k, v in list(cell["int"].items())[:6]}, flush=True)
+
+
+def run_pt2e(args: argparse.Namespace) -> None:
+    """PyTorch's PT2E int8 flow (x86 Inductor quantizer, torch.compile) against eager/channels-last/compiled FP32."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from srquant.deploy.speed import median_latencies
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads or 2)
+    model = api.load_model("imdn", SCALE, args.assets).eval()
+    x = torch.rand(1, 3, *args.size)
+    calib = api.calibration_inputs(SCALE, None, args.assets)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled = torch.compile(model)
+        compiled(x)
+        exported = torch.export.export(model, (x,)).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        for batch in calib or [x]:
+            prepared(batch)
+        quantized = torch.compile(convert_pt2e(prepared))
+        quantized(x)
+        last = model.to(memory_format=torch.channels_last)
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        runners = {
+            "eager": lambda: model(x),
+            "channels_last": lambda: last(x_last),
+            "compiled": lambda: compiled(x),
+            "pt2e_int8_compiled": lambda: quantized(x),
+        }
+        timings = median_latencies(runners, args.runs)
+    cell = {"timings_ms": timings, "threads": torch.get_num_threads(), "setup_seconds": time.perf_counter() - start}
+    update_json(OUT, "pt2e|imdn", cell)
+    print("pt2e imdn", {k: round(v, 1) for k, v in timings.items()}, flush=True)
+
+
+def table() -> str:
+    """The markdown results."""
+    data = load_json(OUT)
+    lines = [header("Real integer inference on CPU (onnxruntime)"), ""]
+    lines += [
+        "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
+        "",
+        "| network | FP32 ms (setting) | int8 ms (setting) | speed-up | peak MB int / fp32 | Set5 fake-quant | "
+        "Set5 integer | difference dB | integer convs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in CNNS + TRANSFORMERS:
+        cell = data.get(f"speed|{name}")
+        if not cell:
+            continue
+        lines.append(
+            f"| {name} | {cell['fp32_ms']:.1f} ({cell['fp32_setting']}) | {cell['int_ms']:.1f} ({cell['int_setting']}) "
+            f"| {cell['speedup']:.2f}x | {cell['peak_mb']:.0f} / {cell['fp32_peak_mb']:.0f} | {cell['psnr_fake']:.3f} "
+            f"| {cell['psnr_int']:.3f} | {cell['psnr_delta_db']:+.4f} | {cell['export']['quantized_convs']} |"
+        )
+    pt2e = data.get("pt2e|imdn")
+    if pt2e:
+        lines += ["", "## PyTorch PT2E (x86 Inductor int8) on IMDN x4, same input", "", "| setting | ms |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in pt2e["timings_ms"].items()]
+    lines += [
+        "",
+        "## On-disk checkpoint sizes (MinMax, default layers: body quantized, head/tail float)",
+        "",
+        "| network | float | W8A8 | W4A4 | W2A2 | W4 / float |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in CNNS + TRANSFORMERS:
+        cell = data.get(f"sizes|{name}")
+        if cell:
+            kb = {k: cell[k] / 1024 for k in ("float_bytes", "w8_bytes", "w4_bytes", "w2_bytes")}
+            lines.append(
+                f"| {name} | {kb['float_bytes']:.0f} KiB | {kb['w8_bytes']:.0f} KiB | {kb['w4_bytes']:.0f} KiB "
+                f"| {kb['w2_bytes']:.0f} KiB | {cell['w4_bytes'] / cell['float_bytes']:.2f} |"
+            )
+    profiles = [name for name in CNNS + TRANSFORMERS if f"profile|{name}" in data]
+    if profiles:
+        lines += ["", "## Where the time goes (ms per operator type, 256x256, top 8)", ""]
+        for name in profiles:
+            cell = data[f"profile|{name}"]
+            for kind in ("int", "fp32"):
+                top = ", ".join(f"{op} {ms:.0f}" for op, ms in list(cell[kind].items())[:8])
+                lines.append(f"- {name} {kind}: {top} (total {sum(cell[kind].values()):.0f})")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", required=True)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--size", type=parse_size, default=(256, 256))
+    parser.add_argument("--only", default="speed,sizes,profile,pt2e")
+    parser.add_argument("--models", default=",".join(CNNS + TRANSFORMERS))
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    names = args.models.split(",")
+    parts = set(args.only.split(","))
+    with tempfile.TemporaryDirectory(prefix="srquant-speed-") as tmp:
+        folder = Path(tmp)
+        if not args.table_only:
+            if "sizes" in parts:
+                run_sizes(names, args.assets, folder)
+            if "speed" in parts:
+                run_speed(names, args, folder)
+            if "profile" in parts:
+                run_profile(names, args, folder)
+            if "pt2e" in parts:
+                run_pt2e(args)
+    text = table()
+    (RESULTS / "speed_cpu.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Measured speed of integer inference against the fastest FP32 setting of the same runtime (onnxruntime).
+
+FP32 and integer sessions run interleaved, one call each per round, so both see the same machine state; the
+median over rounds is reported. Peak memory is measured in a fresh process per graph (no srquant import),
+which is also how a deployment would load the file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from srquant.deploy.onnx_export import ExportReport, export_float_onnx, export_onnx
+from srquant.deploy.ort_runtime import OrtUpscaler, ort_session
+from srquant.errors import SrquantError
+
+FP32_LEVELS = ("extended", "all")  # "all" adds onnxruntime's NCHWc layout transforms; the faster one counts
+INT_LEVELS = ("extended", "all")
+
+_PEAK_SCRIPT = """
+import sys
+import numpy as np
+import onnxruntime as ort
+path, height, width, threads, level = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads
+options.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+x = np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)
+for _ in range(3):
+    session.run(None, {session.get_inputs()[0].name: x})
+assert "srquant" not in sys.modules
+# VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across exec
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256x256' -> (256, 256): an LR height x width."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SrquantError(f"size must look like 256x256, got {text!r}") from None
+    if min(height, width) < 1:
+        raise SrquantError(f"size must be positive, got {text!r}")
+    return height, width
+
+
+def median_latencies(runners: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds per runner; each round calls every runner once, so settings are measured side by side."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(runs):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[key].append((time.perf_counter() - start) * 1000.0)
+    return {key: float(np.median(values)) for key, values in times.items()}
+
+
+def peak_memory_mb(path: str | Path, size: tuple[int, int], threads: int, level: str) -> float:
+    """Peak resident memory (MB, VmHWM) of a fresh Python process that loads the graph and runs it three times."""
+    argv = [sys.executable, "-c", _PEAK_SCRIPT, str(path), str(size[0]), str(size[1]), str(threads), level]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SrquantError(f"onnxruntime could not run {path} in a fresh process: {done.stderr.strip()[-300:]}")
+    return int(done.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+class SizedExport:
+    """An upscaler for networks exported per input size (window transformers): one graph per LR size, cached."""
+
+    def __init__(self, model: nn.Module, workdir: Path, calib_inputs: Sequence[torch.Tensor] | None, threads: int):
+        self.model, self.workdir, self.calib_inputs, self.threads = model, workdir, calib_inputs, threads
+        self.runners: dict[tuple[int, int], OrtUpscaler] = {}
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        size = (int(lr.shape[-2]), int(lr.shape[-1]))
+        if size not in self.runners:
+            path = self.workdir / f"int_{size[0]}x{size[1]}.onnx"
+            export_onnx(self.model, path, self.calib_inputs, size)
+            self.runners[size] = OrtUpscaler(path, self.threads)
+        return self.runners[size](lr)
+
+
+@dataclass
+class SpeedReport:
+    """One bench-speed measurement; `to_json` gives the documented keys first."""
+
+    backend: str
+    size: tuple[int, int]
+    threads: int
+    runs: int
+    fp32_ms: float
+    int_ms: float
+    speedup: float
+    peak_mb: float
+    fp32_peak_mb: float
+    fp32_setting: str
+    int_setting: str
+    timings_ms: dict[str, float]
+    psnr_fake: float | None = None
+    psnr_int: float | None = None
+    psnr_delta_db: float | None = None
+    export: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON record of `srquant bench-speed --json`."""
+        record = asdict(self)
+        record["size"] = f"{self.size[0]}x{self.size[1]}"
+        return record
+
+    def write(self, path: str | Path) -> None:
+        """Write the JSON record (parents created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def bench_onnxruntime(
+    model: nn.Module,
+    size: tuple[int, int],
+    threads: int,
+    runs: int,
+    calib_inputs: Sequence[torch.Tensor] | None,
+    psnr: Callable[[Callable[[torch.Tensor], torch.Tensor] | None], float] | None = None,
+    workdir: str | Path | None = None,
+) -> SpeedReport:
+    """Export `model` as float and integer graphs, time both on one LR size, and compare Set5 PSNR.
+
+    `psnr(upscaler)` scores the fake-quant model when given None and the integer graph when given an upscaler.
+    """
+    with tempfile.TemporaryDirectory(prefix="srquant-speed-") as tmp:
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        int_path, float_path = folder / "int.onnx", folder / "fp32.onnx"
+        fixed = int(getattr(model, "pad_multiple", 1)) != 1
+        report: ExportReport = export_onnx(model, int_path, calib_inputs, size if fixed else None)
+        export_float_onnx(model, float_path, size if fixed else None)
+        x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+        runners: dict[str, Callable[[], object]] = {}
+        for kind, path, levels in (("fp32", float_path, FP32_LEVELS), ("int", int_path, INT_LEVELS)):
+            for level in levels:
+                session = ort_session(path, threads, level)
+                name = session.get_inputs()[0].name
+                runners[f"{kind}:{level}"] = lambda s=session, n=name: s.run(None, {n: x})
+        timings = median_latencies(runners, runs)
+        fp32_setting = min((k for k in timings if k.startswith("fp32:")), key=timings.__getitem__)
+        int_setting = min((k for k in timings if k.startswith("int:")), key=timings.__getitem__)
+        fp32_ms, int_ms = timings[fp32_setting], timings[int_setting]
+        peak = peak_memory_mb(int_path, size, threads, int_setting.split(":")[1])
+        fp32_peak = peak_memory_mb(float_path, size, threads, fp32_setting.split(":")[1])
+        result = SpeedReport(
+            backend="onnxruntime",
+            size=size,
+            threads=threads,
+            runs=runs,
+            fp32_ms=fp32_ms,
+            int_ms=int_ms,
+            speedup=fp32_ms / int_ms,
+            peak_mb=peak,
+            fp32_peak_mb=fp32_peak,
+            fp32_setting=fp32_setting,
+            int_setting=int_setting,
+            timings_ms=timings,
+            export={
+                "quantized_convs": len(report.convs),
+                "regridded_weights": report.regridded_weights,
+                "simulated_outputs": len(report.simulated_outputs),
+                "unsimulated_outputs": report.calibrated_outputs + report.image_outputs + report.shared_outputs,
+                "dynamic_axes": report.dynamic_axes,
+            },
+        )
+        if psnr is not None:
+            upscaler = SizedExport(model, folder, calib_inputs, threads) if fixed else OrtUpscaler(int_path, threads)
+            result.psnr_fake = psnr(None)
+            result.psnr_int = psnr(upscaler)
+            result.psnr_delta_db = result.psnr_int - result.psnr_fake
+        return result

@@ -1,0 +1,169 @@
+"""Integer ONNX export: the graph runs integer kernels, matches the fake-quant model, opens without srquant."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAVE_ASSETS, SKIP_REASON
+
+from srquant.deploy.onnx_export import conv_params, export_float_onnx, export_onnx
+from srquant.deploy.ort_runtime import ort_session
+from srquant.deploy.speed import bench_onnxruntime, median_latencies, parse_size
+from srquant.errors import SrquantError
+from srquant.methods.ptq import calibrate
+from srquant.models.registry import build_model, get_entry
+from srquant.quant.quantize import quantize_
+from srquant.quant.spec import QuantSpec
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def smooth_batches(count: int = 3, size: int = 24) -> list[torch.Tensor]:
+    """Image-like inputs (smooth, in [0, 1]) so calibrated ranges cover the test input."""
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.rand(count, 3, size // 4, size // 4, generator=g)
+    return list(torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").clamp(0, 1).split(1))
+
+
+def quantized_tiny(name: str = "imdn", **spec: object) -> torch.nn.Module:
+    """A tiny zoo network quantized W8A8 (fully, symmetric weights, simulated outputs) and calibrated."""
+    torch.manual_seed(0)
+    model = build_model(name, 4, tiny=True).eval()
+    options: dict[str, object] = {"full": True, "weight_quantizer": "symmetric", "output_bits": 8, "matmul": False}
+    options.update(spec)
+    quantize_(model, QuantSpec(options.pop("w_bits", 8), options.pop("a_bits", 8), **options), get_entry(name).layout)  # type: ignore[arg-type]
+    calibrate(model, smooth_batches(), "minmax")
+    return model
+
+
+def test_integer_graph_runs_qlinearconv_and_matches_the_fake_quant_model(tmp_path: Path) -> None:
+    model = quantized_tiny()
+    report = export_onnx(model, tmp_path / "q.onnx")
+    assert len(report.simulated_outputs) == len(report.convs) == len(conv_params(model))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    x = smooth_batches(1, 20)[0]
+    out = session.run(None, {"lr": x.numpy()})[0]
+    ops = [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert ops.count("QLinearConv") == len(report.convs)  # every quantized conv runs on the integer kernel
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert out.shape == reference.shape
+    # The same grids (zero points aligned): only rare one-step flips from float accumulation order remain.
+    diff = np.abs(out - reference)
+    assert (diff > 1e-4).mean() < 0.05
+    assert diff.mean() < 5e-4 and diff.max() < 0.02
+
+
+def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:
+    model = quantized_tiny()
+    export_float_onnx(model, tmp_path / "f.onnx")
+    x = smooth_batches(1, 16)[0]
+    out = ort_session(tmp_path / "f.onnx", 1).run(None, {"lr": x.numpy()})[0]
+    from srquant.quant.quantize import fp_mode
+
+    with torch.no_grad(), fp_mode(model):
+        reference = model(x).numpy()
+    np.testing.assert_allclose(out, reference, atol=1e-4)
+
+
+def test_exported_graph_opens_in_a_fresh_process_without_srquant(tmp_path: Path) -> None:
+    model = quantized_tiny()
+    export_onnx(model, tmp_path / "q.onnx")
+    script = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(tmp_path / 'q.onnx')!r}, providers=['CPUExecutionProvider'])\n"
+        "y = s.run(None, {'lr': np.random.default_rng(0).random((1, 3, 12, 14), dtype=np.float32)})[0]\n"
+        "assert 'srquant' not in sys.modules and 'torch' not in sys.modules\n"
+        "print(list(y.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip()) == [1, 3, 48, 56]  # x4, any size (dynamic axes)
+
+
+def test_low_bit_symmetric_weights_map_exactly_and_asymmetric_ones_are_regridded() -> None:
+    exact = conv_params(quantized_tiny(w_bits=4))
+    assert all(p.weight_exact for p in exact.values())
+    body = [p for name, p in exact.items() if name.startswith("IMDB")]
+    assert body and all(np.abs(p.weight_codes).max() <= 7 for p in body)  # 4-bit values in int8 storage
+    regridded = conv_params(quantized_tiny(weight_quantizer="asymmetric"))
+    assert not all(p.weight_exact for p in regridded.values())
+
+
+def test_export_refuses_what_has_no_static_integer_graph(tmp_path: Path) -> None:
+    with pytest.raises(SrquantError, match="export needs A8"):
+        export_onnx(quantized_tiny(a_bits=4), tmp_path / "a4.onnx")
+    model = quantized_tiny()
+    first = next(m for m in model.modules() if hasattr(m, "input_quantizer"))
+    first.input_quantizer.bits_override = torch.tensor([6])
+    with pytest.raises(SrquantError, match="dynamic per-image bits"):
+        export_onnx(model, tmp_path / "dynamic.onnx")
+    with pytest.raises(SrquantError, match="attention matmuls"):
+        export_onnx(quantized_tiny("eswt", matmul=True), tmp_path / "matmul.onnx", size=(24, 24))
+
+
+def test_unsimulated_outputs_need_calibration_images(tmp_path: Path) -> None:
+    model = quantized_tiny(output_bits=None)
+    with pytest.raises(SrquantError, match="no simulated output quantizer"):
+        export_onnx(model, tmp_path / "q.onnx")
+    report = export_onnx(model, tmp_path / "q.onnx", smooth_batches())
+    assert report.calibrated_outputs and not report.simulated_outputs
+
+
+def test_padding_networks_export_for_one_size(tmp_path: Path) -> None:
+    model = quantized_tiny("eswt")
+    with pytest.raises(SrquantError, match="give the LR size"):
+        export_onnx(model, tmp_path / "e.onnx")
+    report = export_onnx(model, tmp_path / "e.onnx", size=(20, 24))
+    assert not report.dynamic_axes
+    out = ort_session(tmp_path / "e.onnx", 1).run(None, {"lr": smooth_batches(1, 24)[0][..., :20, :].numpy()})[0]
+    assert out.shape == (1, 3, 80, 96)
+
+
+def test_speed_report_has_the_documented_keys(tmp_path: Path) -> None:
+    model = quantized_tiny()
+    result = bench_onnxruntime(model, (16, 16), threads=1, runs=1, calib_inputs=None, psnr=None)
+    record = result.to_json()
+    for key in ("backend", "fp32_ms", "int_ms", "speedup", "psnr_delta_db", "peak_mb"):
+        assert key in record
+    assert record["backend"] == "onnxruntime" and record["size"] == "16x16"
+    assert result.speedup == pytest.approx(result.fp32_ms / result.int_ms)
+    assert result.fp32_setting.startswith("fp32:") and result.int_setting.startswith("int:")
+    assert result.peak_mb > 10  # a real process's resident peak, not the parent's
+
+
+def test_latencies_are_interleaved_and_parse_size_checks_input() -> None:
+    calls: list[str] = []
+    medians = median_latencies({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert set(medians) == {"a", "b"}
+    assert parse_size("256x128") == (256, 128)
+    with pytest.raises(SrquantError, match="256x256"):
+        parse_size("256")
+
+
+@pytest.mark.skipif(not HAVE_ASSETS, reason=SKIP_REASON)
+def test_cli_export_and_bench_speed_on_a_real_network(tmp_path: Path, assets: Path) -> None:
+    from srquant.cli import main
+
+    ckpt, onnx_path, record = tmp_path / "imdn.pt", tmp_path / "imdn.onnx", tmp_path / "speed.json"
+    common = ["--assets", str(assets)]
+    args = ["quantize", "--model", "imdn", "--scale", "4", "--method", "minmax", "--wbits", "8", "--abits", "8"]
+    args += ["--full", "--weight-quantizer", "symmetric", "--output-bits", "8", "-o", str(ckpt), "--no-progress"]
+    assert main(args + common) == 0
+    assert main(["export", "--model", str(ckpt), "-o", str(onnx_path)] + common) == 0
+    assert onnx_path.stat().st_size > 0
+    bench = ["bench-speed", "--model", str(ckpt), "--size", "24x24", "--runs", "1", "--threads", "1"]
+    assert main(bench + ["--psnr-dataset", "Set5", "--json", str(record)] + common) == 0
+    result = json.loads(record.read_text())
+    assert abs(result["psnr_delta_db"]) < 0.05  # the integer graph computes what the fake-quant model computes
