@@ -46,7 +46,14 @@ def quantize_w8a8(name: str, assets: str, folder: Path) -> Path:
     model = api.load_model(name, SCALE, assets)
     spec = QuantSpec(8, 8, full=True, weight_quantizer="symmetric", output_bits=8, matmul=False)
     root = Path(assets)
-    result = quantize_model(model, get_entry(name).layout, "minmax", spec, root / "calibration" / "train291")
+    result = quantize_model(
+        model,
+        get_entry(name).layout,
+        "minmax",
+        spec,
+        root / "calibration" / "train291",
+        datasets_root=root / "datasets",
+    )
     path = folder / f"{name}_w8a8.pt"
     save_quantized(model, path, name, result.spec, {"method": "minmax", "calib_seconds": result.calib_seconds})
     return path
@@ -76,17 +83,15 @@ def run_sizes(names: list[str], assets: str, folder: Path) -> None:
         torch.save(model.state_dict(), float_path)
         cell: dict[str, object] = {"float_bytes": float_path.stat().st_size}
         for bits in (8, 4, 2):
-            model = api.load_model(name, SCALE, assets)
-            result = quantize_model(
-                model,
-                get_entry(name).layout,
-                "minmax",
-                QuantSpec(bits, bits),
-                Path(assets) / "calibration" / "train291",
-            )
-            path = folder / f"{name}_w{bits}.pt"
-            cell[f"w{bits}_bytes"] = save_quantized(model, path, name, result.spec, {"method": "minmax"})
-            cell[f"w{bits}_layers"] = result.report.summary()
+            for full in (False, True):  # body only (papers' default), and head/tail at W8A8 too
+                model = api.load_model(name, SCALE, assets)
+                spec = QuantSpec(bits, bits, full=full)
+                calib = Path(assets) / "calibration" / "train291"
+                result = quantize_model(model, get_entry(name).layout, "minmax", spec, calib)
+                key = f"w{bits}{'_full' if full else ''}"
+                path = folder / f"{name}_{key}.pt"
+                cell[f"{key}_bytes"] = save_quantized(model, path, name, result.spec, {"method": "minmax"})
+                cell[f"{key}_layers"] = result.report.summary()
         update_json(OUT, f"sizes|{name}", cell)
         print(name, {k: v for k, v in cell.items() if k.endswith("bytes")}, flush=True)
 
@@ -191,19 +196,20 @@ def table() -> str:
         lines += [f"| {k} | {v:.1f} |" for k, v in pt2e["timings_ms"].items()]
     lines += [
         "",
-        "## On-disk checkpoint sizes (MinMax, default layers: body quantized, head/tail float)",
+        "## On-disk checkpoint sizes (MinMax; KiB; packed codes for quantized weights, float for the rest)",
         "",
-        "| network | float | W8A8 | W4A4 | W2A2 | W4 / float |",
-        "|---|---|---|---|---|---|",
+        "Body: the default layers (head, upsampler and tail float). Full: head, upsampler and tail at 8 bits too.",
+        "The float file is the network's state dict saved by torch.save.",
+        "",
+        "| network | float | W8 body | W4 body | W2 body | W8 full | W4 full | W2 full | W4 full / float |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    keys = ("float", "w8", "w4", "w2", "w8_full", "w4_full", "w2_full")
     for name in CNNS + TRANSFORMERS:
         cell = data.get(f"sizes|{name}")
-        if cell:
-            kb = {k: cell[k] / 1024 for k in ("float_bytes", "w8_bytes", "w4_bytes", "w2_bytes")}
-            lines.append(
-                f"| {name} | {kb['float_bytes']:.0f} KiB | {kb['w8_bytes']:.0f} KiB | {kb['w4_bytes']:.0f} KiB "
-                f"| {kb['w2_bytes']:.0f} KiB | {cell['w4_bytes'] / cell['float_bytes']:.2f} |"
-            )
+        if cell and all(f"{k}_bytes" in cell for k in keys):
+            sizes = " | ".join(f"{cell[f'{k}_bytes'] / 1024:.0f}" for k in keys)
+            lines.append(f"| {name} | {sizes} | {cell['w4_full_bytes'] / cell['float_bytes']:.2f} |")
     profiles = [name for name in CNNS + TRANSFORMERS if f"profile|{name}" in data]
     if profiles:
         lines += ["", "## Where the time goes (ms per operator type, 256x256, top 8)", ""]

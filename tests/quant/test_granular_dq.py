@@ -301,7 +301,8 @@ def test_models_heads_and_config() -> None:
         assert head_conv_name(build_model(name, 4, tiny=True), get_entry(name).layout) == head
     assert GRANULAR_DQ_PRESETS["paper"].iterations == 300_000 and GRANULAR_DQ_PRESETS["paper"].atc_gamma == 0.9997
     assert get_granular_dq_preset("cpu", batch_size=2).batch_size == 2
-    for bad in ({"loss": "l2"}, {"e2b_quantiles": (0.9, 0.5)}, {"gbc_bits": (3, 8)}, {"lr": 0.0}):
+    bads = ({"loss": "l2"}, {"e2b_quantiles": (0.9, 0.5)}, {"gbc_bits": (3, 8)}, {"lr": 0.0}, {"entropy_patch": 0})
+    for bad in bads:
         with pytest.raises(SrquantError):
             GranularDQConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(SrquantError):
@@ -316,3 +317,92 @@ def test_imdn_qat_runs() -> None:
     image = _crops(1, torch.Generator().manual_seed(1), size=30)[0]
     sr, bits = upscale_patchwise(model, result.controller, image, patch=16, step=14)
     assert sr.shape == (3, 120, 120) and all(p.bit in (4, 5, 6, 8) for p in bits)
+
+
+def _record_bits(model: nn.Module) -> set[int]:
+    """Every per-sample bit the model's multi-bit quantizers were set to, recorded after each forward."""
+    seen: set[int] = set()
+
+    def hook(module: nn.Module, _args: tuple, _out: torch.Tensor) -> None:
+        for m in module.modules():
+            if isinstance(m, MultiBitLSQ) and m.sample_bits is not None:
+                seen.update(m.sample_bits.tolist())
+                return
+
+    model.register_forward_hook(hook)
+    return seen
+
+
+def test_switch_validation() -> None:
+    assert GranularDQConfig().e2b and GranularDQConfig().atc and GranularDQConfig().fixed_bits is None
+    assert GranularDQConfig(fixed_bits=4).candidate_bits == (4,) and GranularDQConfig().candidate_bits == (4, 5, 6, 8)
+    for bad in ({"e2b": False}, {"fixed_bits": 7}, {"fixed_bits": True}, {"fixed_bits": 6, "act_bits": (4, 8)}):
+        with pytest.raises(SrquantError):
+            GranularDQConfig(**bad)  # type: ignore[arg-type]
+    GranularDQConfig(e2b=False, atc=False)
+    GranularDQConfig(fixed_bits=8, e2b=False, atc=False)
+
+
+def test_fixed_bits_runs_every_patch_at_that_bit_without_the_controller() -> None:
+    cfg = dataclasses.replace(SMALL, iterations=4, fixed_bits=4, loss="qat", bit_penalty=0.1)
+    torch.manual_seed(0)
+    model = build_model("srresnet", 4, tiny=True)
+    seen = _record_bits(model)
+    result = run_granular_dq(model, get_entry("srresnet").layout, _sampler(0), cfg)
+    ctrl = result.controller
+    assert seen == {4} and set(result.mean_bits) == {4.0}
+    assert len(result.losses) + len(result.rollbacks) == 4 and ctrl.atc_updates.item() == 0
+    fresh = GranularityBitController(result.layers, model.get_submodule(result.head).out_channels, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(ctrl.parameters(), fresh.parameters(), strict=True))  # untrained
+    assert all(q.candidate_bits == (4,) for q in multibit_quantizers(model, ctrl))  # the one LSQ quantizer at 4
+    image = _crops(1, torch.Generator().manual_seed(2), size=40)[0]
+    sr, bits = upscale_patchwise(model, ctrl, image, patch=16, step=12)
+    assert len(bits) > 1 and {p.bit for p in bits} == {4}
+    assert image_bit_report(model, result.layers, bits, scale=4).fab == 4.0
+    sr2, bits2 = upscale_patchwise(model, ctrl, image, patch=16, step=12)
+    assert torch.equal(sr, sr2) and bits == bits2
+
+
+def test_e2b_off_never_gives_the_e2b_only_bit() -> None:
+    cfg = dataclasses.replace(SMALL, iterations=6, batch_size=4, e2b=False, atc=False)
+    torch.manual_seed(0)
+    model = build_model("srresnet", 4, tiny=True)
+    seen = _record_bits(model)
+    result = run_granular_dq(model, get_entry("srresnet").layout, _sampler(0), cfg)
+    ctrl = result.controller
+    assert seen and seen <= {4, 6, 8} and not ctrl.use_e2b  # training: GBC's codes only
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    noise = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    e_flat, e_noise = float(patch_entropy(flat)), float(patch_entropy(noise))
+    with torch.no_grad():
+        ctrl.fc.weight.zero_()
+        ctrl.fc.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # GBC -> 8 for every patch
+        ctrl.thresholds.copy_(torch.tensor([e_flat + 0.01, e_noise + 0.1]))  # E2B would give 4 and 5
+        model(torch.cat([flat, noise]))
+        assert ctrl.last_bits.tolist() == [8, 8]
+        ctrl.use_e2b = True
+        model(torch.cat([flat, noise]))
+        assert ctrl.last_bits.tolist() == [4, 5]
+
+
+def test_atc_off_keeps_the_calibrated_thresholds() -> None:
+    cfg = dataclasses.replace(SMALL, iterations=5, epoch_iterations=3, atc_gamma=0.5, lr=1e-5, atc=False)
+    _, result = _trained("srresnet", cfg)
+    assert len(result.thresholds) == 6 and all(t == result.thresholds[0] for t in result.thresholds)
+    assert result.controller.atc_updates.item() == 0
+    assert tuple(result.controller.thresholds.tolist()) == result.thresholds[0]
+
+
+def test_switches_travel_with_the_controller_state() -> None:
+    off = GranularityBitController(["x"], 8, GranularDQConfig(e2b=False, atc=False, fixed_bits=6))
+    state = off.state_dict()
+    again = GranularityBitController(["x"], 8, GranularDQConfig())
+    again.load_state_dict(state)
+    assert (again.use_e2b, again.use_atc, again.fixed_bits) == (False, False, 6)
+    old = dict(state)  # a state saved before the switches existed: the full method
+    old["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k in ("layer_names", "gbc_bits", "e2b")}
+    legacy = GranularityBitController(["x"], 8, GranularDQConfig(e2b=False, atc=False, fixed_bits=4))
+    legacy.load_state_dict(old)
+    assert (legacy.use_e2b, legacy.use_atc, legacy.fixed_bits) == (True, True, None)
+    with pytest.raises(SrquantError, match="other layers"):
+        GranularityBitController(["y"], 8, GranularDQConfig()).load_state_dict(state)

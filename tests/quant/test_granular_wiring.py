@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import read_image, write_image
 from srquant.errors import SrquantError
 from srquant.evaluate import evaluate_dataset
+from srquant.methods import pipeline
 from srquant.methods.dynamic import (
     PatchwiseRunner,
     eval_hooks,
@@ -29,10 +31,11 @@ from srquant.methods.granular_dq import (
     GranularDQConfig,
     GranularityBitController,
     MultiBitLSQ,
+    patch_entropy,
     run_granular_dq,
     upscale_patchwise,
 )
-from srquant.methods.pipeline import METHODS
+from srquant.methods.pipeline import METHODS, quantize_model
 from srquant.models.registry import REGISTRY, build_model, get_entry
 from srquant.quant.checkpoint import load_quantized, save_quantized
 from srquant.quant.spec import QuantSpec
@@ -161,3 +164,91 @@ def test_cli_granular_dq_on_a_real_network(assets: Path, tmp_path: Path) -> None
     (same,) = api.evaluate_quantized(out, ["Set5"], 4, assets=assets)  # the Python API gives the same numbers
     assert same.extras == pytest.approx({"fab": row["fab"], "bitops_g": row["bitops_g"]})
     assert same.psnr == pytest.approx(row["psnr"])
+
+
+@pytest.mark.parametrize(
+    "switches", [{"fixed_bits": 4}, {"e2b": False, "atc": False}, {"atc": False}], ids=["fixed4", "gbc", "e2b"]
+)
+def test_switches_survive_save_and_load(switches: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = build_model("imdn", 2, tiny=True).eval()
+    config = dataclasses.replace(SMALL, **switches)
+    result = run_granular_dq(model, get_entry("imdn").layout, _draw(torch.Generator().manual_seed(1)), config)
+    path = tmp_path / "gdq.pt"
+    spec = QuantSpec(8, max(config.candidate_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False)
+    save_quantized(model, path, "imdn", spec, {"method": "granular-dq"}, granular_state(model, result))
+    entry = REGISTRY["imdn"]
+    monkeypatch.setitem(REGISTRY, "imdn", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
+    again, record, controller = load_dynamic(path)
+    assert isinstance(controller, GranularityBitController)
+    mine = result.controller
+    assert (controller.use_e2b, controller.use_atc, controller.fixed_bits) == (
+        mine.use_e2b,
+        mine.use_atc,
+        mine.fixed_bits,
+    )
+    assert (controller.use_e2b, controller.use_atc) == (config.e2b, config.atc)
+    assert controller.fixed_bits == config.fixed_bits and record["dynamic"]["config"]["fixed_bits"] == config.fixed_bits
+    assert all(layer["bits"] == list(config.candidate_bits) for layer in record["dynamic"]["layers"])
+    image = _image(torch.Generator().manual_seed(5), 40, 52)
+    sr_a, bits_a = upscale_patchwise(model, mine, image, patch=16, step=12)
+    sr_b, bits_b = upscale_patchwise(again, controller, image, patch=16, step=12)
+    sr_c, bits_c = upscale_patchwise(again, controller, image, patch=16, step=12)  # test time is deterministic
+    assert torch.equal(sr_a, sr_b) and bits_a == bits_b and torch.equal(sr_b, sr_c) and bits_b == bits_c
+    used = {p.bit for p in bits_b}
+    assert used == {4} if config.fixed_bits == 4 else used <= ({4, 6, 8} if not config.e2b else {4, 5, 6, 8})
+
+
+def test_checkpoint_from_before_the_switches_loads_with_defaults(saved) -> None:
+    model, result, path = saved
+    again, record = load_quantized(path, prepare_dynamic)
+    for key in ("e2b", "atc", "fixed_bits", "entropy_patch"):
+        del record["dynamic"]["config"][key]
+    extra = record["dynamic"]["state"]["_extra_state"]
+    for key in ("use_e2b", "use_atc", "fixed_bits"):
+        del extra[key]
+    controller = restore_dynamic(again, record)
+    assert isinstance(controller, GranularityBitController)
+    assert (controller.use_e2b, controller.use_atc, controller.fixed_bits) == (True, True, None)
+    image = _image(torch.Generator().manual_seed(6), 40, 52)
+    sr_a, bits_a = upscale_patchwise(model, result.controller, image, patch=16, step=12)
+    sr_b, bits_b = upscale_patchwise(again, controller, image, patch=16, step=12)
+    assert torch.equal(sr_a, sr_b) and bits_a == bits_b
+
+
+def _calibration_folder(folder: Path, sizes: list[int]) -> Path:
+    """HR training images (square, smooth plus noise) of the given sides."""
+    gen = torch.Generator().manual_seed(7)
+    for i, side in enumerate(sizes):
+        img = _image(gen, side, side)[0].permute(1, 2, 0).numpy()
+        write_image(folder / f"train{i}.png", (img * 255).round().astype(np.uint8))
+    return folder
+
+
+@pytest.mark.parametrize(("sides", "expected"), [([400, 400, 400], 96), ([400, 360, 360, 360], 88)])
+def test_pipeline_calibrates_thresholds_on_test_sized_patches(
+    sides: list[int], expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn: list[torch.Tensor] = []
+    real = pipeline.run_granular_dq
+
+    def spy(*args: object, draw_entropy_batch: Callable[[int], torch.Tensor], **kwargs: object) -> object:
+        def wrapped(n: int) -> torch.Tensor:
+            drawn.append(draw_entropy_batch(n))
+            return drawn[-1]
+
+        return real(*args, draw_entropy_batch=wrapped, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_granular_dq", spy)
+    folder = _calibration_folder(tmp_path / "train", sides)
+    torch.manual_seed(0)
+    model = build_model("imdn", 4, tiny=True).eval()
+    small = {"iterations": 1, "batch_size": 1, "patch": 16, "calib_count": 6, "calib_batch": 3, "guard_seed_batches": 1}
+    result = quantize_model(
+        model, get_entry("imdn").layout, "granular-dq", QuantSpec(8, 8), folder, "cpu", None, atc=False, **small
+    )
+    assert result.settings["entropy_patch"] == expected and result.settings["crop"] == 16
+    assert [tuple(b.shape) for b in drawn] == [(3, 3, expected, expected)] * 2
+    entropies = torch.cat([patch_entropy(b) for b in drawn])
+    wanted = torch.quantile(entropies, torch.tensor([0.5, 0.9]))
+    torch.testing.assert_close(result.dynamic["state"]["thresholds"], wanted)  # atc off: still the calibrated ones

@@ -14,6 +14,13 @@ Every quantized body layer of an LR patch quantizes its input at the same bit, c
    only the selected bit's quantizer runs on its samples; weights are 8-bit signed LSQ.
 5. Training: QAT with L1 to HR crops (the paper) or distillation from the same network in `fp_mode`.
 
+Switches (`GranularDQConfig`, saved with the controller's state; a state saved before they existed loads with
+the defaults): `e2b=False` keeps GBC's bit for every patch (the paper's Table 3 "+GBC" row; ATC then has no
+thresholds to calibrate, so `atc=False` is required), `atc=False` leaves the thresholds at their calibrated values
+("+GBC+E2B"); both on is the full method. `fixed_bits=b` is the fixed-bit baseline: every body layer gets one LSQ
+activation quantizer at b (b must be one of `act_bits`), every patch runs at b through the same patch-wise
+inference and the same training schedule and batches; the controller is neither trained nor consulted (FAB = b).
+
 Choices and departures (the paper's Eq. 3-7 and the released inference-only code):
 - GBC input: the output of the model's head conv, i.e. the first `nn.Conv2d` in module order that is neither
   in the layout's body nor in its `never` list (imdn `fea_conv`, pan `conv_first`, edsr-baseline/srresnet
@@ -105,6 +112,15 @@ class GranularDQConfig:
     blowup_factor: float = 4.0
     max_rollbacks: int = 5
     guard_seed_batches: int = 4
+    e2b: bool = True  # entropy-to-bit re-coding of the patches GBC sent to its top bit
+    atc: bool = True  # adaptive threshold calibration (EMA) during the first epoch; needs e2b
+    fixed_bits: int | None = None  # fixed-bit baseline: every patch at this bit, no controller
+    entropy_patch: int = 96  # LR size of the threshold-calibration patches (the test patch; informational)
+
+    @property
+    def candidate_bits(self) -> tuple[int, ...]:
+        """The activation bits each body layer gets a quantizer for: act_bits, or the fixed bit alone."""
+        return (self.fixed_bits,) if self.fixed_bits is not None else tuple(self.act_bits)
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.epoch_iterations < 0:
@@ -134,6 +150,12 @@ class GranularDQConfig:
             raise SrquantError("Granular-DQ grids and gn_groups must be positive")
         if self.bit_penalty < 0 or not self.blowup_factor > 1 or self.max_rollbacks < 1:
             raise SrquantError("Granular-DQ needs bit_penalty >= 0, blowup_factor > 1 and max_rollbacks >= 1")
+        if self.atc and not self.e2b:
+            raise SrquantError("Granular-DQ ATC calibrates E2B's thresholds: e2b=False needs atc=False")
+        if self.fixed_bits is not None and (isinstance(self.fixed_bits, bool) or self.fixed_bits not in self.act_bits):
+            raise SrquantError(f"Granular-DQ fixed_bits must be one of act_bits {self.act_bits}, got {self.fixed_bits}")
+        if self.entropy_patch < 1:
+            raise SrquantError(f"Granular-DQ entropy_patch must be positive, got {self.entropy_patch}")
 
 
 GRANULAR_DQ_PRESETS: dict[str, GranularDQConfig] = {
@@ -275,6 +297,7 @@ class GranularityBitController(nn.Module):
         self.bins, self.sigma = config.entropy_bins, config.entropy_sigma
         self.quantiles = tuple(config.e2b_quantiles)
         self.atc_gamma = config.atc_gamma
+        self.use_e2b, self.use_atc, self.fixed_bits = config.e2b, config.atc, config.fixed_bits
         # At least 2 channels per group, so the 1x1 granularity (and a batch of one patch) is normalisable.
         groups = max([d for d in range(1, config.gn_groups + 1) if channels % d == 0 and channels // d >= 2] or [1])
         self.norms = nn.ModuleList(nn.GroupNorm(groups, channels) for _ in self.grids)
@@ -293,14 +316,25 @@ class GranularityBitController(nn.Module):
         self.last_expected_bits: torch.Tensor | None = None
 
     def get_extra_state(self) -> dict[str, object]:
-        """Layer names and bit codes travel with the state so a checkpoint cannot load into another model."""
-        return {"layer_names": list(self.layer_names), "gbc_bits": list(self.gbc_bits), "e2b": list(self.e2b_bits)}
+        """Layer names, bit codes and switches travel with the state: a reload gives the same bits or fails."""
+        return {
+            "layer_names": list(self.layer_names),
+            "gbc_bits": list(self.gbc_bits),
+            "e2b": list(self.e2b_bits),
+            "use_e2b": self.use_e2b,
+            "use_atc": self.use_atc,
+            "fixed_bits": self.fixed_bits,
+        }
 
     def set_extra_state(self, state: dict[str, object]) -> None:
-        """Refuse a state saved for other layers or other bit codes."""
+        """Refuse a state saved for other layers or other bit codes; take its switches (absent = the defaults)."""
         mine = self.get_extra_state()
-        if any(list(state[k]) != mine[k] for k in mine):  # type: ignore[call-overload]
+        if any(list(state[k]) != mine[k] for k in ("layer_names", "gbc_bits", "e2b")):  # type: ignore[call-overload]
             raise SrquantError("Granular-DQ controller state was saved for other layers or bit codes")
+        self.use_e2b = bool(state.get("use_e2b", True))  # states written before the switches: full method
+        self.use_atc = bool(state.get("use_atc", True))
+        fixed = state.get("fixed_bits")
+        self.fixed_bits = None if fixed is None else int(fixed)  # type: ignore[call-overload]
 
     def reseed(self, seed: int) -> None:
         """Restart the Gumbel noise sequence."""
@@ -353,13 +387,17 @@ class GranularityBitController(nn.Module):
 
     def forward(self, feat: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample bits (B,) int64 and the straight-through gate (B,) of the GBC choice (value 1)."""
+        if self.fixed_bits is not None:  # fixed-bit baseline: no GBC, no E2B, no gradient to the controller
+            bits = torch.full((feat.shape[0],), self.fixed_bits, dtype=torch.int64, device=feat.device)
+            self.last_gbc_bits, self.last_bits, self.last_expected_bits = bits, bits, bits.float()
+            return bits, torch.ones(bits.shape, device=feat.device)
         onehot = self.choose(self.logits(feat))
         codes = torch.tensor(self.gbc_bits, dtype=onehot.dtype, device=onehot.device)
         index = onehot.detach().argmax(dim=-1)
         gbc = codes[index].to(torch.int64)
         bits = gbc.clone()
         top = gbc == max(self.gbc_bits)
-        if top.any():
+        if self.use_e2b and top.any():
             bits[top] = self.e2b(patch_entropy(lr[top], self.bins, self.sigma).to(feat.device))
         self.last_gbc_bits, self.last_bits = gbc, bits
         self.last_expected_bits = (onehot * codes).sum(dim=-1)  # hard value, soft-probability gradient
@@ -439,14 +477,14 @@ class _ActStats:
 def quantize_granular(model: nn.Module, layout: QuantLayout, config: GranularDQConfig) -> tuple[QuantReport, list[str]]:
     """`quantize_` the body at W{w_bits} LSQ, then give each body conv a `MultiBitLSQ` input quantizer."""
     spec = QuantSpec(
-        config.w_bits, max(config.act_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False
+        config.w_bits, max(config.candidate_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False
     )
     report = quantize_(model, spec, layout)
     names = [name for name in report.layers if matches(name, layout.body)]
     if not names:
         raise SrquantError("Granular-DQ found no body layers: the layout's body matched nothing")
     for name in names:
-        model.get_submodule(name).input_quantizer = MultiBitLSQ(config.act_bits)
+        model.get_submodule(name).input_quantizer = MultiBitLSQ(config.candidate_bits)
     return report, names
 
 
@@ -528,9 +566,9 @@ def _task_loss(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor | None, conf
 
 
 def _trainable(model: nn.Module, controller: GranularityBitController, config: GranularDQConfig) -> list[nn.Parameter]:
-    """Quantizer steps and the controller; in QAT mode also every model weight."""
+    """Quantizer steps and the controller (not for a fixed bit); in QAT mode also every model weight."""
     steps = [p for _, q in quantizers(model) for p in q.parameters(recurse=False)]
-    params = steps + list(controller.parameters())
+    params = steps + (list(controller.parameters()) if controller.fixed_bits is None else [])
     if config.loss == "qat":
         seen = set(map(id, params))
         params += [p for p in model.parameters() if id(p) not in seen]
@@ -622,11 +660,11 @@ def _train(
             if config.augment:
                 k = int(torch.randint(8, (1,), generator=generator))
                 lr, hr = dihedral(lr, k), (dihedral(hr, k) if hr is not None else None)
-            if step < config.epoch_iterations:
+            if step < config.epoch_iterations and controller.use_atc and controller.fixed_bits is None:
                 controller.atc_update(patch_entropy(lr, controller.bins, controller.sigma))
             task = _task_loss(model, lr, hr, config)
             loss = task
-            if config.bit_penalty and controller.last_expected_bits is not None:
+            if config.bit_penalty and controller.fixed_bits is None and controller.last_expected_bits is not None:
                 loss = loss + config.bit_penalty * controller.last_expected_bits.mean() / 8
             value, task_value = float(loss.detach()), float(task.detach())
             median = sorted(recent)[len(recent) // 2] if recent else math.inf

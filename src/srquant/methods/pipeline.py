@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from srquant.data.calibration import CropSampler
+from srquant.data.io import list_images
 from srquant.errors import SrquantError
 from srquant.methods.adabm import AdaBMConfig, get_adabm_preset, run_adabm
 from srquant.methods.dynamic import dynamic_state, granular_state
@@ -182,6 +184,30 @@ def _quantize_adabm(
     )
 
 
+def _entropy_patch_size(folder: Path, scale: int, wanted: int, share: float = 0.5) -> int:
+    """LR size of E2B's threshold-calibration patches: `wanted` (the test patch) if enough images hold it, else smaller.
+
+    The size is `wanted` or the largest multiple of 8 below it that at least `share` of the folder's images hold
+    as an LR crop at x`scale` (so the entropy quantiles come from many images, not one); if none does, the largest
+    LR side any image has (whole LR images).
+    """
+    sides = []
+    for path in list_images(folder):
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else "corrupt file"
+            raise SrquantError(f"cannot read image {path}: {reason}") from None
+        sides.append(min(width, height) // scale)
+    if not sides:
+        raise SrquantError(f"calibration folder {folder} has no images")
+    for size in [wanted, *range((wanted - 1) // 8 * 8, 0, -8)]:
+        if sum(side >= size for side in sides) >= share * len(sides):
+            return size
+    return max(1, max(sides))
+
+
 def _quantize_granular(
     model: nn.Module,
     layout: QuantLayout,
@@ -192,9 +218,11 @@ def _quantize_granular(
     progress: bool,
     overrides: dict[str, object],
 ) -> QuantizationResult:
-    """Granular-DQ: patch-wise activation bits among the config's act_bits, LSQ weights at spec.w_bits.
+    """Granular-DQ: patch-wise activation bits among act_bits (or one fixed_bits), LSQ weights at spec.w_bits.
 
-    spec.a_bits is not used (the candidate bits come from the config); the body only is quantized.
+    spec.a_bits is not used (the candidate bits come from the config); the body only is quantized. The E2B
+    thresholds are calibrated on LR patches of the test patch size (`entropy_patch`, 96) or, when the calibration
+    images are too small for it, the largest multiple of 8 that most of them hold (`settings["entropy_patch"]`).
     """
     if spec.full:
         raise SrquantError("Granular-DQ quantizes the body only; --full does not apply")
@@ -217,11 +245,23 @@ def _quantize_granular(
         def draw(n: int) -> torch.Tensor:  # type: ignore[misc]
             return sampler.draw(n, rng)[0]
 
-    result = run_granular_dq(model, layout, draw, config, progress=progress)
+    entropy_patch = _entropy_patch_size(calib_folder, int(model.scale), config.entropy_patch)
+    entropy_sampler = CropSampler(calib_folder, int(model.scale), entropy_patch, datasets_root)
+    entropy_rng = np.random.default_rng(config.seed + 1)  # its own stream: the training batches do not change
+
+    def draw_entropy(n: int) -> torch.Tensor:
+        return entropy_sampler.draw(n, entropy_rng)[0]
+
+    result = run_granular_dq(model, layout, draw, config, progress=progress, draw_entropy_batch=draw_entropy)
     used_spec = QuantSpec(
-        config.w_bits, max(config.act_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False
+        config.w_bits, max(config.candidate_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False
     )
-    settings = {"granular_dq": dataclasses.asdict(config), "crop": crop}
+    settings = {
+        "granular_dq": dataclasses.asdict(config),
+        "crop": crop,
+        "entropy_patch": entropy_patch,
+        "entropy_count": config.calib_count,
+    }
     return QuantizationResult(
         model,
         "granular-dq",
