@@ -9,6 +9,7 @@ same algorithm with a schedule that fits a 2-core CPU); every field can be overr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from srquant.models.layout import QuantLayout
 from srquant.quant.quantize import QuantReport, quantize_
 from srquant.quant.spec import QuantSpec
 
+log = logging.getLogger(__name__)
 METHODS = ("minmax", "percentile", "dobi", "2dquant", "adabm", "granular-dq")
 
 
@@ -156,6 +158,10 @@ def _quantize_adabm(
     config = get_adabm_preset(preset, **{k: v for k, v in overrides.items() if k in fields})
     multiple = int(getattr(model, "pad_multiple", 1))
     crop = -(-config.crop // multiple) * multiple
+    available = _available_crop_size(calib_folder, int(model.scale), crop)
+    if available < crop:
+        log.warning("AdaBM crops of %d px do not fit the calibration images; using %d px", crop, available)
+        crop = max(multiple, available // multiple * multiple)
     sampler = CropSampler(calib_folder, int(model.scale), crop, datasets_root)
     rng = np.random.default_rng(config.seed)
     result = run_adabm(
@@ -169,7 +175,7 @@ def _quantize_adabm(
         progress=progress,
     )
     used_spec = QuantSpec(spec.w_bits, spec.a_bits, weight_quantizer="symmetric", full=spec.full, matmul=False)
-    settings = {"adabm": dataclasses.asdict(config), "crop": crop}
+    settings = {"adabm": dataclasses.asdict(config), "crop": crop, "crop_requested": config.crop}
     return QuantizationResult(
         model,
         "adabm",
@@ -184,8 +190,11 @@ def _quantize_adabm(
     )
 
 
-def _entropy_patch_size(folder: Path, scale: int, wanted: int, share: float = 0.5) -> int:
-    """LR size of E2B's threshold-calibration patches: `wanted` (the test patch) if enough images hold it, else smaller.
+def _available_crop_size(folder: Path, scale: int, wanted: int, share: float = 0.5) -> int:
+    """The LR crop size to draw: `wanted` if enough calibration images hold it, else the largest that they do.
+
+    Used for E2B's threshold patches (96 px test patches) and for preset crops too large for small folders
+    (AdaBM's 96 px paper crops at x4 on train291).
 
     The size is `wanted` or the largest multiple of 8 below it that at least `share` of the folder's images hold
     as an LR crop at x`scale` (so the entropy quantiles come from many images, not one); if none does, the largest
@@ -245,7 +254,7 @@ def _quantize_granular(
         def draw(n: int) -> torch.Tensor:  # type: ignore[misc]
             return sampler.draw(n, rng)[0]
 
-    entropy_patch = _entropy_patch_size(calib_folder, int(model.scale), config.entropy_patch)
+    entropy_patch = _available_crop_size(calib_folder, int(model.scale), config.entropy_patch)
     entropy_sampler = CropSampler(calib_folder, int(model.scale), entropy_patch, datasets_root)
     entropy_rng = np.random.default_rng(config.seed + 1)  # its own stream: the training batches do not change
 
