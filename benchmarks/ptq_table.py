@@ -94,6 +94,25 @@ def main() -> None:
     write_table(load_json(store), args.preset)
 
 
+def ordering_report(done: dict, models: list[str]) -> list[str]:
+    """Where the expected PSNR order minmax < percentile < dobi < 2dquant fails, per network, bits and dataset."""
+    lines = ["## Ordering check (PSNR, minmax < percentile < dobi < 2dquant)", ""]
+    for name in models:
+        for bits in (4, 3, 2):
+            cells = [done.get(f"{name}|W{bits}A{bits}|{m}") for m in METHODS]
+            if any(c is None for c in cells):
+                continue
+            broken = []
+            for d in DATASETS:
+                values = [c["scores"][d]["psnr"] for c in cells]  # type: ignore[index]
+                for i in range(len(METHODS) - 1):
+                    if not values[i] < values[i + 1]:
+                        broken.append(f"{d}: {METHODS[i]} {values[i]:.2f} >= {METHODS[i + 1]} {values[i + 1]:.2f}")
+            verdict = "holds on all four sets" if not broken else "fails on " + "; ".join(broken)
+            lines.append(f"- {name} W{bits}A{bits}: {verdict}")
+    return lines
+
+
 def write_table(done: dict, preset: str) -> None:
     """Markdown table: FP row, then each method with PSNR/SSIM and the drop from FP per dataset."""
     produced_by = f"python benchmarks/ptq_table.py --assets ../shared/assets --preset {preset}"
@@ -131,6 +150,7 @@ def write_table(done: dict, preset: str) -> None:
                     f"| {name} | W{bits}A{bits} | {method} | {' | '.join(parts)} | {cell['calib_seconds']:.0f} | "
                     f"{cell['size_mb']:.3f} | {cell['bitops_g']:.2f} | {paper:+.2f} |"
                 )
+    lines += ["", *ordering_report(done, models)]
     out = RESULTS / f"ptq_{preset}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
