@@ -1,9 +1,10 @@
 """Quantized checkpoints: the recipe, the bounds, and every quantized weight packed as b-bit integer codes.
 
 A file holds `format`, the zoo `model` name and `scale`, the `spec`, each quantizer's mode, the float
-state of everything not packed, and for each quantized weight its codes packed into bytes (a 4-bit weight
-takes 1/8 of its float size). Loading rebuilds the architecture, applies the same `quantize_`, restores
-bounds and modes, and sets each weight to its dequantized codes, which the weight quantizer maps to itself:
+state of everything not packed (one-element bounds as plain floats), and for each quantized weight its
+codes packed into bytes (a 4-bit weight takes 1/8 of its float size). Loading rebuilds the architecture,
+applies the same `quantize_`, restores bounds and modes, and sets each weight to its dequantized codes,
+which the weight quantizer maps to itself:
 the reloaded model's outputs equal the saved model's bit for bit.
 """
 
@@ -105,6 +106,10 @@ def save_quantized(
         key = f"{module_name}.weight"
         packed[key] = {"bits": q.bits, "shape": list(module.weight.shape), "data": pack_codes(codes, q.bits)}
         del state[key]
+    # One-element float tensors (quantizer bounds and steps) are stored as plain floats: torch.save spends
+    # hundreds of bytes on each tensor, which for LMLT's 600 bounds outweighed the packed weights.
+    scalars = {k: float(v) for k, v in state.items() if v.dim() == 0 and v.dtype == torch.float32}
+    state = {k: v for k, v in state.items() if k not in scalars}
     record = {
         "format": FORMAT,
         "model": entry.name,
@@ -112,6 +117,7 @@ def save_quantized(
         "spec": spec.to_dict(),
         "modes": {qname: q.mode.value for qname, q in quantizers(model)},
         "state": state,
+        "scalars": scalars,
         "packed": packed,
         "meta": meta,
         "dynamic": dynamic,
@@ -166,7 +172,8 @@ def load_quantized(
             hint = " (it holds a dynamic method's state: load it with prepare=srquant.methods.dynamic.prepare_dynamic)"
         raise SrquantError(f"{path}: its quantizers do not match {entry.name} quantized with its spec{hint}")
     placeholders = {key: torch.zeros(item["shape"]) for key, item in record["packed"].items()}
-    load_state_strict(model, {**record["state"], **placeholders}, str(path))
+    scalars = {k: torch.tensor(v, dtype=torch.float32) for k, v in record.get("scalars", {}).items()}
+    load_state_strict(model, {**record["state"], **scalars, **placeholders}, str(path))
     for qname, mode in record["modes"].items():
         own_quantizers[qname].mode = QuantMode(mode)
     modules = dict(model.named_modules())
