@@ -181,7 +181,12 @@ def run_pt2e(args: argparse.Namespace) -> None:
 def table() -> str:
     """The markdown results."""
     data = load_json(OUT)
-    lines = [header("Real integer inference on CPU (onnxruntime)"), ""]
+    produced_by = "python benchmarks/speed_table.py --assets ../shared/assets --threads 2 --runs 10"
+    lines = [header("Real integer inference on CPU (onnxruntime)", produced_by), ""]
+    lines.append(
+        "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
+        "cells (`--table-only`). Timings were taken with every other process on the machine paused.\n"
+    )
     lines += [
         "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
         "",
@@ -210,7 +215,8 @@ def table() -> str:
         "## On-disk checkpoint sizes (MinMax; KiB; packed codes for quantized weights, float for the rest)",
         "",
         "Body: the default layers (head, upsampler and tail float). Full: head, upsampler and tail at 8 bits too.",
-        "The float file is the network's state dict saved by torch.save.",
+        "The float file is the network's state dict saved by torch.save. CARN-M's one checkpoint also holds the",
+        "x2 and x3 upsamplers, which an x4 model never runs and which stay float.",
         "",
         "| network | float | W8 body | W4 body | W2 body | W8 full | W4 full | W2 full | W4 full / float |",
         "|---|---|---|---|---|---|---|---|---|",
