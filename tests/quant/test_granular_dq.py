@@ -114,16 +114,22 @@ def test_only_selected_bits_quantizer_runs() -> None:
         q(x)
 
 
-def test_gate_carries_gradient_to_selection() -> None:
+def test_training_gate_compares_the_bits_and_forwards_the_selected_one_exactly() -> None:
     q = MultiBitLSQ((4, 8))
     q.mode = QuantMode.QUANT
     for cand in q.candidates.values():
         cand.mode = QuantMode.QUANT
     q.init_steps(0.5)
-    gate = torch.ones(2, requires_grad=True)
-    q.select(torch.tensor([4, 8]), gate)
-    q(torch.randn(2, 3, 4, 4)).sum().backward()
-    assert gate.grad is not None and torch.isfinite(gate.grad).all() and gate.grad.abs().sum() > 0
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    gate = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)  # both samples chose code 0 (4 bits)
+    q.select(torch.tensor([4, 4]), gate, torch.tensor([[4, 8], [4, 8]]))
+    out = q(x)
+    assert torch.equal(out, q.candidates["4"](x))  # the forward value is the selected quantizer's, exactly
+    ((out - x) ** 2).sum().backward()  # reconstruction error: 8 bits would do better
+    assert gate.grad is not None and torch.isfinite(gate.grad).all()
+    assert (gate.grad[:, 1] < gate.grad[:, 0]).all()  # descent moves probability towards the 8-bit code
+    with pytest.raises(SrquantError, match="alternatives"):
+        q.select(torch.tensor([4, 4]), gate)
 
 
 def test_layer_invariant_bits_per_patch() -> None:

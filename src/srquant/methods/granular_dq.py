@@ -29,9 +29,12 @@ Choices and departures (the paper's Eq. 3-7 and the released inference-only code
 - Granularities keep their spatial grid (pooled to g x g, flattened) instead of the paper's GAP after pooling,
   which makes every granularity collapse to the same channel mean (the released code's three identical
   inputs). GroupNorm is applied per granularity (the released code comments it out).
-- Only the selected bit's quantizer runs, so the straight-through gradient reaches the logits only through the
-  selected one-hot component (output = Q_b(x) * y_b, y_b = 1 forward); the released code computes all
-  candidates and masks them. An optional bit penalty (`bit_penalty`, default 0: the paper has no bit loss)
+- At inference only the selected bit's quantizer runs. In training every code's bit runs and the output is
+  sum_k y_k * Q_{b_k}(x) with the straight-through one-hot y (forward value: exactly the selected Q), so each
+  logit's gradient compares its own bit's output with the others (b_k is the bit code k leads to for that
+  patch: E2B's bit for the top code). A single-path gate (output = Q_b(x) * y_b) gives the logits only
+  <dL/dy, y>, which says nothing about the other bits: on IMDN x4 the controller then drifted to 4 bits for
+  every patch (FAB 4.00). An optional bit penalty (`bit_penalty`, default 0: the paper has no bit loss)
   adds `bit_penalty * mean(expected bit) / 8` using the soft probabilities.
 - Entropy thresholds are kept in entropy units (nats) so a single test patch needs no batch statistics; ATC's
   "normalised" batch value is the batch quantile at the same probability (a rank normalisation). The released
@@ -187,8 +190,10 @@ def get_granular_dq_preset(name: str, **overrides: object) -> GranularDQConfig:
 class MultiBitLSQ(Quantizer):
     """One LSQ activation quantizer per candidate bit; each sample is quantized only by its selected bit's one.
 
-    `select(bits, gate)` sets the per-sample bits (B,) and optionally the straight-through one-hot gate (B,)
-    whose forward value is 1. Without a selection the widest candidate is used.
+    `select(bits, gate, alternatives)` sets the per-sample bits (B,) and, for training, the straight-through
+    one-hot gate (B, n) over the controller's codes with the bit each code leads to (B, n): the output is then
+    sum_k gate_k * Q_{alternatives_k}(x), exactly the selected Q forward. Without a selection the widest
+    candidate is used.
     """
 
     def __init__(self, bits: Sequence[int], signed: bool = True) -> None:
@@ -197,6 +202,7 @@ class MultiBitLSQ(Quantizer):
         self.candidates = nn.ModuleDict({str(b): LSQQuantizer(b, signed=signed) for b in self.candidate_bits})
         self.sample_bits: torch.Tensor | None = None
         self.gate: torch.Tensor | None = None
+        self.alternatives: torch.Tensor | None = None
 
     @property
     def signed(self) -> bool:
@@ -215,10 +221,15 @@ class MultiBitLSQ(Quantizer):
             with torch.no_grad():
                 q.step.fill_(max(2 * mean_abs / math.sqrt(qp), 1e-8))  # type: ignore[operator,union-attr]
 
-    def select(self, bits: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
-        """Set the per-sample bits (and straight-through gate) for the next forward passes."""
+    def select(
+        self, bits: torch.Tensor | None, gate: torch.Tensor | None = None, alternatives: torch.Tensor | None = None
+    ) -> None:
+        """Set the per-sample bits (and, in training, the one-hot gate with each code's bit) for the next passes."""
+        if gate is not None and (alternatives is None or gate.shape != alternatives.shape):
+            raise SrquantError("a Granular-DQ gate needs the bit of every code: alternatives of the gate's shape")
         self.sample_bits = bits
         self.gate = gate
+        self.alternatives = alternatives
 
     def _expand(self, values: torch.Tensor, n: int) -> torch.Tensor:
         """Per-sample values repeated for inputs whose leading dim is batch-major (e.g. windows per image)."""
@@ -228,25 +239,41 @@ class MultiBitLSQ(Quantizer):
             raise SrquantError(f"input batch {n} is not a multiple of the {values.shape[0]} selected bits")
         return values.repeat_interleave(n // values.shape[0])
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sample_bits is None:
-            return self.candidates[str(self.bits)](x)
-        bits = self._expand(self.sample_bits, x.shape[0])
-        gate = self._expand(self.gate, x.shape[0]).view(-1, *[1] * (x.dim() - 1)) if self.gate is not None else None
+    def _check(self, bits: torch.Tensor) -> list[int]:
         present = torch.unique(bits).tolist()
         unknown = [b for b in present if b not in self.candidate_bits]
         if unknown:
             raise SrquantError(f"bit {unknown[0]} is not a candidate of this quantizer {self.candidate_bits}")
+        return present
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sample_bits is None:
+            return self.candidates[str(self.bits)](x)
+        if self.gate is not None and self.alternatives is not None:
+            return self._mixture(x)
+        bits = self._expand(self.sample_bits, x.shape[0])
+        present = self._check(bits)
         if len(present) == 1:
-            out = self.candidates[str(present[0])](x)
-            return out * gate if gate is not None else out
+            return self.candidates[str(present[0])](x)
         out = x.new_zeros(x.shape)
         for b in present:
             idx = (bits == b).nonzero(as_tuple=True)[0]
-            part = self.candidates[str(b)](x[idx])
-            if gate is not None:
-                part = part * gate[idx]
-            out = out.index_put((idx,), part)
+            out = out.index_put((idx,), self.candidates[str(b)](x[idx]))
+        return out
+
+    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: sum over codes of gate_k * Q_{bit of k}(x); forward value is the selected Q exactly."""
+        assert self.gate is not None and self.alternatives is not None
+        n = x.shape[0]
+        gate = torch.stack([self._expand(self.gate[:, k], n) for k in range(self.gate.shape[1])], dim=1)
+        alternatives = torch.stack(
+            [self._expand(self.alternatives[:, k], n) for k in range(self.alternatives.shape[1])], dim=1
+        )
+        shape = (-1, *[1] * (x.dim() - 1))
+        out = x.new_zeros(x.shape)
+        for b in self._check(alternatives):
+            weight = (gate * (alternatives == b)).sum(dim=1)  # 1 for the selected bit's samples, else 0
+            out = out + weight.view(shape) * self.candidates[str(b)](x)
         return out
 
     def extra_repr(self) -> str:
@@ -385,23 +412,25 @@ class GranularityBitController(nn.Module):
         self.thresholds[1] = torch.maximum(self.thresholds[1], self.thresholds[0])
         self.atc_updates += 1
 
-    def forward(self, feat: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample bits (B,) int64 and the straight-through gate (B,) of the GBC choice (value 1)."""
+    def forward(self, feat: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample bits (B,) int64, the straight-through one-hot gate (B, n) over the GBC codes, and the bit
+        each code leads to for each sample (B, n): the code itself, or E2B's bit for the top code."""
         if self.fixed_bits is not None:  # fixed-bit baseline: no GBC, no E2B, no gradient to the controller
             bits = torch.full((feat.shape[0],), self.fixed_bits, dtype=torch.int64, device=feat.device)
             self.last_gbc_bits, self.last_bits, self.last_expected_bits = bits, bits, bits.float()
-            return bits, torch.ones(bits.shape, device=feat.device)
+            return bits, torch.ones(bits.shape[0], 1, device=feat.device), bits[:, None]
         onehot = self.choose(self.logits(feat))
         codes = torch.tensor(self.gbc_bits, dtype=onehot.dtype, device=onehot.device)
         index = onehot.detach().argmax(dim=-1)
         gbc = codes[index].to(torch.int64)
-        bits = gbc.clone()
-        top = gbc == max(self.gbc_bits)
-        if self.use_e2b and top.any():
-            bits[top] = self.e2b(patch_entropy(lr[top], self.bins, self.sigma).to(feat.device))
+        alternatives = codes.to(torch.int64).expand(onehot.shape[0], -1).clone()
+        top_code = len(self.gbc_bits) - 1 - list(reversed(self.gbc_bits)).index(max(self.gbc_bits))
+        if self.use_e2b:
+            alternatives[:, top_code] = self.e2b(patch_entropy(lr, self.bins, self.sigma).to(feat.device))
+        bits = alternatives.gather(1, index[:, None]).squeeze(1)
         self.last_gbc_bits, self.last_bits = gbc, bits
         self.last_expected_bits = (onehot * codes).sum(dim=-1)  # hard value, soft-probability gradient
-        return bits, onehot.gather(1, index[:, None]).squeeze(1)
+        return bits, onehot, alternatives
 
 
 # ------------------------------------------------------------------------------------------------- wiring
@@ -446,9 +475,10 @@ def attach_controller(model: nn.Module, controller: GranularityBitController, he
     def set_bits(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
         if out.device.type == "meta" or targets[0].mode is not QuantMode.QUANT:
             return  # op counting or the FP teacher: no bits, no Gumbel draws
-        bits, gate = controller(out, state["lr"])
+        bits, gate, alternatives = controller(out, state["lr"])
+        train = torch.is_grad_enabled() and gate.requires_grad
         for q in targets:
-            q.select(bits, gate if torch.is_grad_enabled() and gate.requires_grad else None)
+            q.select(bits, gate if train else None, alternatives if train else None)
 
     handles = [
         model.register_forward_pre_hook(remember_input),
