@@ -19,9 +19,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, update_json
 
-from srquant import evaluate, load_model
+from srquant import load_model
 from srquant.api import evaluate_quantized
 from srquant.methods.pipeline import quantize_model
 from srquant.models.registry import get_entry
@@ -83,18 +83,6 @@ def parse_only(text: str) -> list[tuple[str, tuple[int, int], str]]:
             planned = [v for n, b, v in PLAN if (n, b) == (parts[0], base)]
             cells += [(parts[0], base, v) for v in planned or MAIN]
     return cells
-
-
-def fp_scores(name: str, assets: str | None, datasets: list[str]) -> dict[str, dict[str, float]]:
-    """FP scores from the zoo benchmark's results when present, else measured here."""
-    zoo = load_json(RESULTS / "zoo_fp.json")
-    scores = {ds: zoo[f"{name}|{SCALE}|{ds}"] for ds in datasets if f"{name}|{SCALE}|{ds}" in zoo}
-    missing = [ds for ds in datasets if ds not in scores]
-    if missing:
-        model = load_model(name, SCALE, assets)
-        for r in evaluate(model, missing, SCALE, ["basicsr"], assets, progress=False):
-            scores[r.dataset] = {"psnr": r.psnr, "ssim": r.ssim}
-    return scores
 
 
 def run_cell(
@@ -163,7 +151,7 @@ def main() -> None:
     for name, base, variant in [] if args.table_only else plan:
         fp = load_json(store).get(f"{name}|fp", {})
         if any(ds not in fp for ds in datasets):
-            update_json(store, f"{name}|fp", {**fp, **fp_scores(name, args.assets, datasets)})
+            update_json(store, f"{name}|fp", {**fp, **fp_scores(name, SCALE, datasets, args.assets)})
         key = cell_key(name, base, variant)
         done = load_json(store).get(key)
         if done is not None and all(ds in done["scores"] for ds in datasets):

@@ -65,3 +65,17 @@ def save_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def fp_scores(name: str, scale: int, datasets: list[str], assets: str | None) -> dict[str, dict[str, float]]:
+    """Whole-image FP PSNR/SSIM per dataset from the zoo benchmark's results when present, else measured here."""
+    from srquant import evaluate, load_model
+
+    zoo = load_json(RESULTS / "zoo_fp.json")
+    scores = {ds: zoo[f"{name}|{scale}|{ds}"] for ds in datasets if f"{name}|{scale}|{ds}" in zoo}
+    missing = [ds for ds in datasets if ds not in scores]
+    if missing:
+        model = load_model(name, scale, assets)
+        for r in evaluate(model, missing, scale, ["basicsr"], assets, progress=False):
+            scores[r.dataset] = {"psnr": r.psnr, "ssim": r.ssim}
+    return scores

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, update_json
 
 from srquant import evaluate, load_model
 from srquant.api import evaluate_quantized
@@ -96,18 +96,6 @@ def parse_only(text: str) -> list[tuple[str, str]]:
         else:
             cells += [(n, v) for n, v in PLAN if n == parts[0]] or [(parts[0], v) for v in MAIN]
     return cells
-
-
-def fp_scores(name: str, assets: str | None, datasets: list[str]) -> dict[str, dict[str, float]]:
-    """Whole-image FP scores from the zoo benchmark's results when present, else measured here."""
-    zoo = load_json(RESULTS / "zoo_fp.json")
-    scores = {ds: zoo[f"{name}|{SCALE}|{ds}"] for ds in datasets if f"{name}|{SCALE}|{ds}" in zoo}
-    missing = [ds for ds in datasets if ds not in scores]
-    if missing:
-        model = load_model(name, SCALE, assets)
-        for r in evaluate(model, missing, SCALE, ["basicsr"], assets, progress=False):
-            scores[r.dataset] = {"psnr": r.psnr, "ssim": r.ssim}
-    return scores
 
 
 def _image_record(entry: dict) -> dict[str, object]:
@@ -238,7 +226,7 @@ def main() -> None:
     for name, variant in [] if args.table_only else plan:
         fp = load_json(store).get(f"{name}|fp", {})
         if any(ds not in fp for ds in datasets):
-            update_json(store, f"{name}|fp", {**fp, **fp_scores(name, args.assets, datasets)})
+            update_json(store, f"{name}|fp", {**fp, **fp_scores(name, SCALE, datasets, args.assets)})
         key = cell_key(name, variant)
         if is_done(load_json(store).get(key), datasets, wanted):
             continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, update_json
 
 from srquant import evaluate, load_model
 from srquant.methods.pipeline import quantize_model
@@ -32,18 +32,6 @@ PAPER_SET5_DROP = {
     3: {"minmax": -13.04, "percentile": -4.90, "dobi": -2.86, "2dquant": -1.55},
     2: {"minmax": -8.49, "percentile": -9.42, "dobi": -3.63, "2dquant": -2.92},
 }
-
-
-def fp_scores(name: str, assets: str | None) -> dict[str, dict[str, float]]:
-    """FP scores from the zoo benchmark's results when present, else measured here."""
-    zoo = load_json(RESULTS / "zoo_fp.json")
-    scores = {ds: zoo[f"{name}|{SCALE}|{ds}"] for ds in DATASETS if f"{name}|{SCALE}|{ds}" in zoo}
-    missing = [ds for ds in DATASETS if ds not in scores]
-    if missing:
-        model = load_model(name, SCALE, assets)
-        for r in evaluate(model, missing, SCALE, ["basicsr"], assets, progress=False):
-            scores[r.dataset] = {"psnr": r.psnr, "ssim": r.ssim}
-    return scores
 
 
 def run_cell(name: str, bits: int, method: str, assets: str | None, preset: str) -> dict:
@@ -82,7 +70,7 @@ def main() -> None:
     done = load_json(store)
     for name, bits in [] if args.table_only else plan:
         if f"{name}|fp" not in done:
-            done = update_json(store, f"{name}|fp", fp_scores(name, args.assets))
+            done = update_json(store, f"{name}|fp", fp_scores(name, SCALE, DATASETS, args.assets))
         for method in METHODS:
             key = f"{name}|W{bits}A{bits}|{method}"
             if key in load_json(store):
