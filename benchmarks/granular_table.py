@@ -11,8 +11,9 @@ also `controller-only` (e2b=False, atc=False) and `e2b` (atc=False), the rows of
 `fp-patchwise` (the float network run on the same 96 px patches, to show what patch-wise inference alone costs).
 Each quantized cell goes through `quantize_model(..., "granular-dq", QuantSpec(8, 8), ...)` on
 <assets>/calibration/train291, is saved as a checkpoint and evaluated from it by `api.evaluate_quantized`, the code
-path of `srquant eval --model Q.pt` (patch-wise, 96 px LR patches, step 90). `--iterations N` shortens training for
-smoke runs (recorded; such a cell is re-run by a later run without it). `--bitmaps DIR` writes bit maps of two
+path of `srquant eval --model Q.pt` (patch-wise, 96 px LR patches, step 90). `--iterations N` trains for N iterations
+with the preset's schedule stretched (smoke runs, or longer runs with `--results` elsewhere; recorded, and such a
+cell is re-run by a later run without it). `--bitmaps DIR` writes bit maps of two
 Urban100 images of the imdn `granular-dq` cell (lowest and highest FAB) and a markdown page embedding them.
 """
 
@@ -215,7 +216,9 @@ def main() -> None:
         "--results", type=Path, default=None, help="results JSON (default docs/results/granular_<preset>.json)"
     )
     parser.add_argument("--table-only", action="store_true", help="write the table from the results file")
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations (smoke runs; recorded)")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="training iterations, schedule stretched (recorded)"
+    )
     parser.add_argument("--bitmaps", type=Path, default=None, help="write bit maps of two Urban100 images here")
     args = parser.parse_args()
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -323,7 +326,8 @@ def write_table(
     odd = [f"`{k}` ({c['iterations']})" for k, c in done.items() if c.get("iterations") not in (None, iterations)]
     if odd:
         lines.append(
-            f"**Trained for other than the preset's {iterations} iterations (smoke runs): {', '.join(odd)}.**\n"
+            f"**Trained for other than the preset's {iterations} iterations (its LR milestones and first epoch "
+            f"stretched in proportion): {', '.join(odd)}.**\n"
         )
     lines.append(
         "Cells are resumable and may be run by workers with `--only NAME[:VARIANT],...`, one torch thread each, "

@@ -307,6 +307,12 @@ def test_models_heads_and_config() -> None:
         assert head_conv_name(build_model(name, 4, tiny=True), get_entry(name).layout) == head
     assert GRANULAR_DQ_PRESETS["paper"].iterations == 300_000 and GRANULAR_DQ_PRESETS["paper"].atc_gamma == 0.9997
     assert get_granular_dq_preset("cpu", batch_size=2).batch_size == 2
+    stretched = get_granular_dq_preset("cpu", iterations=2000)  # the schedule keeps its fractions
+    cpu = GRANULAR_DQ_PRESETS["cpu"]
+    assert stretched.lr_milestones == tuple(10 * m for m in cpu.lr_milestones)
+    assert stretched.epoch_iterations == 10 * cpu.epoch_iterations
+    pinned = get_granular_dq_preset("cpu", iterations=2000, epoch_iterations=7, lr_milestones=(5,))
+    assert (pinned.epoch_iterations, pinned.lr_milestones) == (7, (5,))
     bads = ({"loss": "l2"}, {"e2b_quantiles": (0.9, 0.5)}, {"gbc_bits": (3, 8)}, {"lr": 0.0}, {"entropy_patch": 0})
     for bad in bads:
         with pytest.raises(SrquantError):

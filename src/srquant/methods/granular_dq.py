@@ -178,10 +178,21 @@ GRANULAR_DQ_PRESETS: dict[str, GranularDQConfig] = {
 
 
 def get_granular_dq_preset(name: str, **overrides: object) -> GranularDQConfig:
-    """A named preset with some fields replaced (None values are ignored)."""
+    """A named preset with some fields replaced (None values are ignored).
+
+    Overriding `iterations` alone scales the schedule with it: the LR milestones and the first epoch (ATC's
+    window) keep their fractions of the run, so a longer or shorter run is the same schedule stretched.
+    """
     if name not in GRANULAR_DQ_PRESETS:
         raise SrquantError(f"unknown Granular-DQ preset {name!r}; choose from {', '.join(GRANULAR_DQ_PRESETS)}")
-    return dataclasses.replace(GRANULAR_DQ_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    base = GRANULAR_DQ_PRESETS[name]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    iterations = given.get("iterations")
+    if isinstance(iterations, int) and base.iterations > 0:
+        ratio = iterations / base.iterations
+        given.setdefault("lr_milestones", tuple(round(m * ratio) for m in base.lr_milestones))
+        given.setdefault("epoch_iterations", round(base.epoch_iterations * ratio))
+    return dataclasses.replace(base, **given)
 
 
 # ----------------------------------------------------------------------------------------------- quantizer
