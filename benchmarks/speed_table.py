@@ -130,9 +130,8 @@ def run_profile(names: list[str], args: argparse.Namespace, folder: Path) -> Non
     for name in names:
         model, _, _ = api.load_quantized_model(quantize_w8a8(name, args.assets, folder))
         fixed = int(getattr(model, "pad_multiple", 1)) != 1
-        chosen = load_json(OUT).get(f"speed|{name}", {}).get("export", {}).get("min_int_channels", 8)
-        try:  # the integer graph bench-speed found faster
-            export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None, chosen)
+        try:
+            export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None)
         except SrquantError as err:
             print(f"{name}: no profile, not exported: {err}", flush=True)
             continue
@@ -186,17 +185,16 @@ def table() -> str:
     lines = [header("Real integer inference on CPU (onnxruntime)", produced_by), ""]
     lines.append(
         "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
-        "cells (`--table-only`). Timings were taken with every other process on the machine paused. Two integer "
-        "graphs are timed per network: `int` (convs with fewer than 8 output channels run as float convs on their "
-        "quantized grids) and `int8all` (every quantized conv on the int8 kernel, timed when it differs); the "
-        "faster setting counts. DequantizeLinear is moved past ReLU and DepthToSpace in both (exact).\n"
+        "cells (`--table-only`). Timings were taken with every other process on the machine paused. In the integer "
+        "graph each conv output's DequantizeLinear is moved past the ReLU / DepthToSpace ops it feeds (exact; "
+        "those run on uint8): `ops moved to uint8`.\n"
     )
     lines += [
         "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
         "",
         "| network | FP32 ms (setting) | int8 ms (setting) | speed-up | peak MB int / fp32 | Set5 fake-quant | "
-        "Set5 integer | difference dB | integer convs | float convs on grids | ops moved to uint8 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Set5 integer | difference dB | integer convs | ops moved to uint8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in CNNS + TRANSFORMERS:
         cell = data.get(f"speed|{name}")
@@ -209,8 +207,7 @@ def table() -> str:
             f"| {name} | {cell['fp32_ms']:.1f} ({cell['fp32_setting']}) | {cell['int_ms']:.1f} ({cell['int_setting']}) "
             f"| {cell['speedup']:.2f}x | {cell['peak_mb']:.0f} / {cell['fp32_peak_mb']:.0f} | {cell['psnr_fake']:.3f} "
             f"| {cell['psnr_int']:.3f} | {cell['psnr_delta_db']:+.4f} | "
-            f"{cell['export']['quantized_convs'] - len(cell['export'].get('float_convs', []))} | "
-            f"{', '.join(cell['export'].get('float_convs', [])) or '-'} | {len(cell['export'].get('uint8_ops', []))} |"
+            f"{cell['export']['quantized_convs']} | {len(cell['export'].get('uint8_ops', []))} |"
         )
     pt2e = data.get("pt2e|imdn")
     if pt2e:

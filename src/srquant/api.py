@@ -170,11 +170,10 @@ def export_quantized(
     size: tuple[int, int] | None = None,
     calib: str | Path | None = None,
     assets: str | Path | None = None,
-    min_int_channels: int = 8,
 ) -> ExportReport:
     """`srquant export`: a fixed-bit A8 checkpoint as an integer QDQ ONNX graph for onnxruntime."""
     model = _fixed_bit_model(path)
-    return export_onnx(model, out, calibration_inputs(int(model.scale), calib, assets), size, min_int_channels)
+    return export_onnx(model, out, calibration_inputs(int(model.scale), calib, assets), size)
 
 
 def bench_speed(
@@ -185,7 +184,6 @@ def bench_speed(
     assets: str | Path | None = None,
     calib: str | Path | None = None,
     psnr_dataset: str | None = "Set5",
-    min_int_channels: int = 8,
 ) -> SpeedReport:
     """`srquant bench-speed`: integer vs fastest FP32 onnxruntime latency, peak memory, and the PSNR change."""
     model = _fixed_bit_model(path)
@@ -201,5 +199,4 @@ def bench_speed(
         runs,
         calibration_inputs(scale, calib, assets),
         psnr if psnr_dataset else None,
-        min_int_channels=min_int_channels,
     )

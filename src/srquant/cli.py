@@ -26,21 +26,6 @@ from srquant.quant.checkpoint import save_quantized
 from srquant.quant.spec import QuantSpec
 from srquant.runtime import tune_allocator
 
-MIN_INT_HELP = (
-    "quantized convs with fewer output channels run as float convs on their grids, where onnxruntime's int8 "
-    "kernel is slower (default 8; 0: all int8)"
-)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -151,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", required=True, type=Path, help="the .onnx file to write")
     ex.add_argument("--size", type=_size, help="LR HxW to export for (needed by networks that pad inside)")
     ex.add_argument("--calib", type=Path, help="images for output ranges the model does not simulate")
-    ex.add_argument("--min-int-channels", type=_non_negative_int, default=8, help=MIN_INT_HELP)
     _add_assets_arg(ex)
 
     bs = sub.add_parser("bench-speed", help="integer vs FP32 latency, peak memory and PSNR change on one runtime")
@@ -163,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--psnr-dataset", default="Set5", help="benchmark for the PSNR change ('none' to skip)")
     bs.add_argument("--calib", type=Path, help="images for output ranges the model does not simulate")
     bs.add_argument("--json", type=Path, help="write the measurement here")
-    bs.add_argument("--min-int-channels", type=_non_negative_int, default=8, help=MIN_INT_HELP)
     _add_assets_arg(bs)
 
     models = sub.add_parser("models", help="list the model zoo and what is available locally")
@@ -304,12 +287,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets, args.min_int_channels)
+    report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets)
     shape = "any LR size" if report.dynamic_axes else f"LR {args.size[0]}x{args.size[1]}"
-    print(f"wrote {args.output}: {len(report.convs) - len(report.float_convs)} integer convs, for {shape}")
-    if report.float_convs:
-        narrow = ", ".join(report.float_convs)
-        print(f"note: float convs on quantized grids (under {args.min_int_channels} output channels): {narrow}")
+    print(f"wrote {args.output}: {len(report.convs)} integer convs, for {shape}")
     if report.regridded_weights:
         print(f"note: {len(report.regridded_weights)} weights re-gridded to symmetric int8 (not bit-exact)")
     unsimulated = report.calibrated_outputs + report.image_outputs + report.shared_outputs
@@ -320,9 +300,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     dataset = None if args.psnr_dataset.lower() == "none" else args.psnr_dataset
-    result = api.bench_speed(
-        args.model, args.size, args.threads, args.runs, args.assets, args.calib, dataset, args.min_int_channels
-    )
+    result = api.bench_speed(args.model, args.size, args.threads, args.runs, args.assets, args.calib, dataset)
     print(f"backend {result.backend}, LR {args.size[0]}x{args.size[1]}, {result.threads} threads, {result.runs} runs")
     for setting, ms in result.timings_ms.items():
         print(f"  {setting:<14} {ms:9.1f} ms")

@@ -6,12 +6,9 @@ activation bounds (uint8), its weight becomes an int8 initializer with per-outpu
 DequantizeLinear, its bias an int32 initializer (scale = input scale x weight scale), and its output gets a
 Q/DQ pair. onnxruntime folds each `DQ -> Conv -> Q` group into QLinearConv (its QDQ rules require all three).
 
-Two graph choices come from measurements on this CPU (docs/deploy.md). A conv with fewer than
-`min_int_channels` output channels (the 3-channel convs that make the SR image at HR size) keeps its quantized
-input and output grids but runs as a float Conv on its dequantized weights: onnxruntime's int8 kernel is
-slower than its float one there (183 ms vs 62 ms for CARN-M's last conv at 256x256 LR). And a conv output's
-DequantizeLinear is moved past the DepthToSpace and ReLU ops that read it, so those run on uint8 (ReLU as
-Max with the zero point): exact on the grid, and 2-3x less memory traffic at HR size.
+A conv output's DequantizeLinear is moved past the DepthToSpace and ReLU ops that read it, so those run on
+uint8 (ReLU as Max with the zero point): exact on the grid, with a quarter of the memory traffic (CARN-M's HR
+pixel shuffles; docs/deploy.md).
 
 Output grids: a model quantized with `output_bits=8` simulates these output roundings, and its output
 quantizers give the grids, so the integer graph computes what the fake-quant model computes (up to the
@@ -52,7 +49,6 @@ class ConvQuantParams:
     bias: np.ndarray | None  # float32; quantized to int32 at export
     weight_exact: bool  # the fake-quant weight equals codes * scales exactly
     output_grid: tuple[float, int] | None  # (scale, zero point) of the simulated output quantizer, if any
-    in_channels: int = 0
 
 
 @dataclass
@@ -65,7 +61,6 @@ class ExportReport:
     shared_outputs: list[str] = field(default_factory=list)
     image_outputs: list[str] = field(default_factory=list)
     simulated_outputs: list[str] = field(default_factory=list)
-    float_convs: list[str] = field(default_factory=list)  # too narrow for the int8 kernel to pay: float conv
     sunk_dequantize: list[str] = field(default_factory=list)  # ops that now run on uint8 (DequantizeLinear after)
     dynamic_axes: bool = True
 
@@ -131,7 +126,7 @@ def conv_params(model: nn.Module) -> dict[str, ConvQuantParams]:
         out_q = module._modules.get("output_quantizer")
         simulated = out_q is not None and out_q.mode is QuantMode.QUANT
         output = _input_grid(f"{name}.output_quantizer", out_q) if simulated else None
-        params[name] = ConvQuantParams(name, scale, zero, codes, scales, bias, exact, output, module.in_channels)
+        params[name] = ConvQuantParams(name, scale, zero, codes, scales, bias, exact, output)
     if not params:
         raise SrquantError("the model has no quantized conv in QUANT mode: nothing to export")
     for name, q in quantizers(model):
@@ -196,13 +191,8 @@ class _quiet:
         self._ctx.__exit__(*exc)
 
 
-def _qdq(graph, tensor: str, scale: float, zero: int, tag: str, channels: int | None = None) -> str:  # noqa: ANN001
-    """Append Q and DQ nodes for `tensor` (uint8, per tensor); returns the dequantized tensor's name.
-
-    With `channels`, the DQ repeats the grid per channel (axis 1): the same values, but onnxruntime's
-    WeightBiasQuantization pass, which re-quantizes the float weight of a conv fed by a per-tensor DQ
-    (per tensor, so not the fake-quant values), leaves that conv alone.
-    """
+def _qdq(graph, tensor: str, scale: float, zero: int, tag: str) -> str:  # noqa: ANN001 - onnx GraphProto
+    """Append Q and DQ nodes for `tensor` (uint8, per tensor); returns the dequantized tensor's name."""
     from onnx import TensorProto, helper, numpy_helper
 
     scale_name, zero_name = f"{tag}_scale", f"{tag}_zero_point"
@@ -210,13 +200,9 @@ def _qdq(graph, tensor: str, scale: float, zero: int, tag: str, channels: int | 
     graph.initializer.append(helper.make_tensor(zero_name, TensorProto.UINT8, [], [zero]))
     quantized, restored = f"{tag}_q", f"{tag}_dq"
     graph.node.append(helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized], name=f"{tag}_Q"))
-    if channels is None:
-        dq_inputs, axis = [quantized, scale_name, zero_name], {}
-    else:
-        graph.initializer.append(numpy_helper.from_array(np.full(channels, scale, np.float32), f"{scale_name}_c"))
-        graph.initializer.append(numpy_helper.from_array(np.full(channels, zero, np.uint8), f"{zero_name}_c"))
-        dq_inputs, axis = [quantized, f"{scale_name}_c", f"{zero_name}_c"], {"axis": 1}
-    graph.node.append(helper.make_node("DequantizeLinear", dq_inputs, [restored], name=f"{tag}_DQ", **axis))
+    graph.node.append(
+        helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [restored], name=f"{tag}_DQ")
+    )
     return restored
 
 
@@ -238,15 +224,6 @@ def _int_initializer_dq(graph, array: np.ndarray, scales: np.ndarray, tag: str) 
         )
     )
     return f"{tag}_dq"
-
-
-def _float_initializer(graph, codes: np.ndarray, scales: np.ndarray, tag: str) -> str:  # noqa: ANN001
-    """The dequantized weight (codes x per-channel scales) as a plain float initializer; returns its name."""
-    from onnx import numpy_helper
-
-    values = codes.astype(np.float32) * scales.reshape(-1, *([1] * (codes.ndim - 1)))
-    graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), f"{tag}_float"))
-    return f"{tag}_float"
 
 
 SINKABLE = ("DepthToSpace", "Relu")  # exact on a uint8 grid: a permutation, and max(q, zero point)
@@ -327,19 +304,13 @@ def _feeds_output_only_by_permutation(graph, tensor: str) -> bool:  # noqa: ANN0
     return True
 
 
-def _rewrite(  # noqa: ANN001 - onnx protos
-    onnx_model,
-    params: dict[str, ConvQuantParams],
-    ranges: dict[str, tuple],
-    report: ExportReport,
-    min_int_channels: int,
-) -> None:
+def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, tuple], report: ExportReport) -> None:  # noqa: ANN001
     """Insert the Q/DQ groups around every quantized conv of the exported float graph (in place).
 
     Conv inputs and weights first, so that output grids can be read off the readers; then the outputs: the
     simulated output quantizer's grid when the model has one; else the image grid (1/255) for the conv that
-    makes the SR image; else the readers' shared input grid; else the calibrated range. Convs narrower than
-    `min_int_channels` get a float weight (its fake-quant values), so onnxruntime leaves them float convs.
+    makes the SR image; else the readers' shared input grid; else the calibrated range. Then each output's
+    DequantizeLinear is moved past the ReLU / DepthToSpace ops it feeds.
     """
     graph = onnx_model.graph
     by_weight = {node.input[1]: node for node in graph.node if node.op_type == "Conv" and len(node.input) > 1}
@@ -351,17 +322,11 @@ def _rewrite(  # noqa: ANN001 - onnx protos
     for name, p in params.items():
         node = by_weight[f"{name}.weight"]
         tag = name.replace(".", "_")
-        narrow = p.weight_codes.shape[0] < min_int_channels
-        channels = p.in_channels if narrow else None
-        node.input[0] = _qdq(graph, node.input[0], p.input_scale, p.input_zero_point, f"{tag}_in", channels)
+        node.input[0] = _qdq(graph, node.input[0], p.input_scale, p.input_zero_point, f"{tag}_in")
         input_grids[f"{tag}_in_Q"] = (p.input_scale, p.input_zero_point)
         report.convs.append(name)
         if not p.weight_exact:
             report.regridded_weights.append(name)
-        if narrow:
-            node.input[1] = _float_initializer(graph, p.weight_codes, p.weight_scales, f"{tag}_w")
-            report.float_convs.append(name)  # the bias stays the float one, as in the fake-quant model
-            continue
         node.input[1] = _int_initializer_dq(graph, p.weight_codes, p.weight_scales, f"{tag}_w")
         if len(node.input) > 2 and node.input[2]:
             bias_scale = (p.input_scale * p.weight_scales.astype(np.float64)).astype(np.float32)
@@ -422,13 +387,10 @@ def export_onnx(
     path: str | Path,
     calib_inputs: Sequence[torch.Tensor] | None = None,
     size: tuple[int, int] | None = None,
-    min_int_channels: int = 8,
 ) -> ExportReport:
     """Write `model` (fixed-bit, A8, weights <= 8 bit) as an integer QDQ ONNX graph; returns what was done.
 
     Networks that pad inside (window transformers) are exported for one LR `size`; the others take any size.
-    Convs with fewer than `min_int_channels` output channels run as float convs on their quantized grids
-    (0 puts every quantized conv on the int8 kernel).
     """
     try:
         import onnx
@@ -450,7 +412,7 @@ def export_onnx(
     ranges = output_ranges(model, need, calib_inputs or [])
     onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic))
     report = ExportReport(dynamic_axes=dynamic)
-    _rewrite(onnx_model, params, ranges, report, min_int_channels)
+    _rewrite(onnx_model, params, ranges, report)
     onnx_model.producer_name = "srquant"
     onnx.checker.check_model(onnx_model)
     path = Path(path)

@@ -83,23 +83,15 @@ def peak_memory_mb(path: str | Path, size: tuple[int, int], threads: int, level:
 class SizedExport:
     """An upscaler for networks exported per input size (window transformers): one graph per LR size, cached."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        workdir: Path,
-        calib_inputs: Sequence[torch.Tensor] | None,
-        threads: int,
-        min_int_channels: int = 8,
-    ):
+    def __init__(self, model: nn.Module, workdir: Path, calib_inputs: Sequence[torch.Tensor] | None, threads: int):
         self.model, self.workdir, self.calib_inputs, self.threads = model, workdir, calib_inputs, threads
-        self.min_int_channels = min_int_channels
         self.runners: dict[tuple[int, int], OrtUpscaler] = {}
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
         size = (int(lr.shape[-2]), int(lr.shape[-1]))
         if size not in self.runners:
             path = self.workdir / f"int_{size[0]}x{size[1]}.onnx"
-            export_onnx(self.model, path, self.calib_inputs, size, self.min_int_channels)
+            export_onnx(self.model, path, self.calib_inputs, size)
             self.runners[size] = OrtUpscaler(path, self.threads)
         return self.runners[size](lr)
 
@@ -146,41 +138,29 @@ def bench_onnxruntime(
     calib_inputs: Sequence[torch.Tensor] | None,
     psnr: Callable[[Callable[[torch.Tensor], torch.Tensor] | None], float] | None = None,
     workdir: str | Path | None = None,
-    min_int_channels: int = 8,
 ) -> SpeedReport:
     """Export `model` as float and integer graphs, time both on one LR size, and compare Set5 PSNR.
 
     `psnr(upscaler)` scores the fake-quant model when given None and the integer graph when given an upscaler.
-    `min_int_channels` is `export_onnx`'s: narrower quantized convs run as float convs on their grids.
     """
     with tempfile.TemporaryDirectory(prefix="srquant-speed-") as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        float_path = folder / "fp32.onnx"
+        int_path, float_path = folder / "int.onnx", folder / "fp32.onnx"
         fixed = int(getattr(model, "pad_multiple", 1)) != 1
+        report: ExportReport = export_onnx(model, int_path, calib_inputs, size if fixed else None)
         export_float_onnx(model, float_path, size if fixed else None)
-        # Integer graphs: narrow convs float (min_int_channels) and, when that changed anything, all int8;
-        # both are timed and the faster counts, so the choice is measured per network.
-        graphs: dict[str, tuple[Path, ExportReport, int]] = {}
-        for kind, minimum in (("int", min_int_channels), ("int8all", 0)):
-            path = folder / f"{kind}.onnx"
-            report = export_onnx(model, path, calib_inputs, size if fixed else None, minimum)
-            graphs[kind] = (path, report, minimum)
-            if not report.float_convs:
-                break
         x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
         runners: dict[str, Callable[[], object]] = {}
-        plans = [("fp32", float_path, FP32_LEVELS)] + [(k, g[0], INT_LEVELS) for k, g in graphs.items()]
-        for kind, path, levels in plans:
+        for kind, path, levels in (("fp32", float_path, FP32_LEVELS), ("int", int_path, INT_LEVELS)):
             for level in levels:
                 session = ort_session(path, threads, level)
                 name = session.get_inputs()[0].name
                 runners[f"{kind}:{level}"] = lambda s=session, n=name: s.run(None, {n: x})
         timings = median_latencies(runners, runs)
         fp32_setting = min((k for k in timings if k.startswith("fp32:")), key=timings.__getitem__)
-        int_setting = min((k for k in timings if not k.startswith("fp32:")), key=timings.__getitem__)
+        int_setting = min((k for k in timings if k.startswith("int:")), key=timings.__getitem__)
         fp32_ms, int_ms = timings[fp32_setting], timings[int_setting]
-        int_path, report, chosen_minimum = graphs[int_setting.split(":")[0]]
         peak = peak_memory_mb(int_path, size, threads, int_setting.split(":")[1])
         fp32_peak = peak_memory_mb(float_path, size, threads, fp32_setting.split(":")[1])
         result = SpeedReport(
@@ -198,8 +178,6 @@ def bench_onnxruntime(
             timings_ms=timings,
             export={
                 "quantized_convs": len(report.convs),
-                "min_int_channels": chosen_minimum,
-                "float_convs": report.float_convs,
                 "uint8_ops": report.sunk_dequantize,
                 "regridded_weights": report.regridded_weights,
                 "simulated_outputs": len(report.simulated_outputs),
@@ -208,11 +186,7 @@ def bench_onnxruntime(
             },
         )
         if psnr is not None:
-            upscaler = (
-                SizedExport(model, folder, calib_inputs, threads, chosen_minimum)
-                if fixed
-                else OrtUpscaler(int_path, threads)
-            )
+            upscaler = SizedExport(model, folder, calib_inputs, threads) if fixed else OrtUpscaler(int_path, threads)
             result.psnr_fake = psnr(None)
             result.psnr_int = psnr(upscaler)
             result.psnr_delta_db = result.psnr_int - result.psnr_fake
