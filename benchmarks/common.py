@@ -62,7 +62,7 @@ def update_json(path: Path, key: str, value: object) -> dict:
 def save_json(path: Path, data: dict) -> None:
     """Write results atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: parallel workers write the same file
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
