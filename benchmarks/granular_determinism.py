@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from common import RESULTS, header
@@ -90,9 +91,11 @@ def main() -> None:
     same_bits = [k for k in first if first[k]["bits"] == second[k]["bits"]]
     same_out = [k for k in first if first[k]["sha256"] == second[k]["sha256"]]
     patches = sum(len(v["bits"]) for v in first.values())
+    counts = Counter(b for v in first.values() for b in v["bits"])
     lines = [
         header("Granular-DQ test-time determinism (two separate processes)"),
-        f"Checkpoint `{args.model}`; sets {', '.join(datasets)}; {len(first)} images, {patches} patches.\n",
+        f"Checkpoint `{args.model}`; sets {', '.join(datasets)}; {len(first)} images, {patches} patches; "
+        f"patches per bit: {', '.join(f'{b} bits: {n}' for b, n in sorted(counts.items()))}.\n",
         "| check | images identical |",
         "|---|---|",
         f"| patch bits | {len(same_bits)}/{len(first)} |",

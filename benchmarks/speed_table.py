@@ -201,7 +201,7 @@ def table() -> str:
         if not cell:
             continue
         if "error" in cell:
-            lines.append(f"| {name} | not exported: {cell['error']} |||||||| ")
+            lines.append(f"| {name} | not exported: {cell['error']} |" + " |" * 9)
             continue
         lines.append(
             f"| {name} | {cell['fp32_ms']:.1f} ({cell['fp32_setting']}) | {cell['int_ms']:.1f} ({cell['int_setting']}) "
