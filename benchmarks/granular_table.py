@@ -1,4 +1,5 @@
-"""Granular-DQ on IMDN and PAN (x4): fixed-bit baselines vs patch-wise bits, and the paper's Table 3 ablation on IMDN.
+"""Granular-DQ on IMDN, PAN and LMLT-Tiny (x4): fixed-bit baselines vs patch-wise bits, and the paper's Table 3
+ablation on IMDN.
 PSNR/SSIM (BasicSR convention), per-image FAB and BitOPs as `srquant eval` reports them, training wall time.
 Resumable: finished cells live in docs/results/granular_<preset>.json and are skipped on a re-run.
 
@@ -6,9 +7,10 @@ Resumable: finished cells live in docs/results/granular_<preset>.json and are sk
         [--datasets Set5,Set14] [--results PATH.json] [--table-only] [--iterations N] [--bitmaps DIR]
 
 Cells (`NAME|VARIANT`): `fixed8` and `fixed4` (`fixed_bits`: every patch at that bit, the same LSQ quantizer,
-patch-wise inference and training schedule, no controller) and `granular-dq` (defaults) for imdn and pan; on IMDN
-also `controller-only` (e2b=False, atc=False) and `e2b` (atc=False), the rows of the paper's Table 3; and
-`fp-patchwise` (the float network run on the same 96 px patches, to show what patch-wise inference alone costs).
+patch-wise inference and training schedule, no controller) and `granular-dq` (defaults) for imdn, pan and
+lmlt-tiny; on IMDN also `controller-only` (e2b=False, atc=False) and `e2b` (atc=False), the rows of the paper's
+Table 3; and `fp-patchwise` (the float network run on the same 96 px patches, to show what patch-wise inference
+alone costs).
 Each quantized cell goes through `quantize_model(..., "granular-dq", QuantSpec(8, 8), ...)` on
 <assets>/calibration/train291, is saved as a checkpoint and evaluated from it by `api.evaluate_quantized`, the code
 path of `srquant eval --model Q.pt` (patch-wise, 96 px LR patches, step 90). `--iterations N` trains for N iterations
@@ -42,7 +44,7 @@ from srquant.quant.spec import QuantSpec
 
 SCALE = 4
 DATASETS = ["Set5", "Set14", "B100", "Urban100"]
-NETWORKS = ("imdn", "pan")
+NETWORKS = ("imdn", "pan", "lmlt-tiny")
 PATCH, STEP = 96, 90  # the patch-wise evaluation's LR patch and step (PatchwiseRunner's defaults)
 FP_PATCHWISE = "fp-patchwise"
 VARIANTS: dict[str, dict[str, object]] = {
