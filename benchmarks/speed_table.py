@@ -32,8 +32,9 @@ from srquant.deploy.onnx_export import export_float_onnx, export_onnx
 from srquant.deploy.speed import parse_size
 from srquant.errors import SrquantError
 from srquant.methods.pipeline import quantize_model
-from srquant.models.registry import get_entry
+from srquant.models.registry import build_model, get_entry
 from srquant.quant.checkpoint import save_quantized
+from srquant.quant.quantize import GLUE_HOOK_SUFFIX
 from srquant.quant.spec import QuantSpec
 
 SCALE = 4
@@ -42,10 +43,21 @@ TRANSFORMERS = ("eswt", "lmlt-tiny")
 OUT = RESULTS / "speed_cpu.json"
 
 
-def quantize_w8a8(name: str, assets: str, folder: Path) -> Path:
-    """The deployable W8A8 recipe: full, MinMax, symmetric weights, simulated integer outputs, float matmuls."""
+RECIPES = {"speed": "conv only", "speed-glue": "+ integer glue"}  # cell prefix -> row label
+
+
+def has_glue_hooks(name: str) -> bool:
+    """True if the architecture marks tensors between its layers for quantization (`*_glue` taps)."""
+    return any(n.endswith(GLUE_HOOK_SUFFIX) for n, _ in build_model(name, SCALE, tiny=True).named_modules())
+
+
+def quantize_w8a8(name: str, assets: str, folder: Path, glue: bool = False) -> Path:
+    """The deployable W8A8 recipe: full, MinMax, symmetric weights, simulated integer outputs, float matmuls;
+    with `glue`, the tensors between layers are quantized too (`--glue-bits 8`)."""
     model = api.load_model(name, SCALE, assets)
-    spec = QuantSpec(8, 8, full=True, weight_quantizer="symmetric", output_bits=8, matmul=False)
+    spec = QuantSpec(
+        8, 8, full=True, weight_quantizer="symmetric", output_bits=8, glue_bits=8 if glue else None, matmul=False
+    )
     root = Path(assets)
     result = quantize_model(
         model,
@@ -55,30 +67,35 @@ def quantize_w8a8(name: str, assets: str, folder: Path) -> Path:
         root / "calibration" / "train291",
         datasets_root=root / "datasets",
     )
-    path = folder / f"{name}_w8a8.pt"
+    path = folder / f"{name}_w8a8{'_glue' if glue else ''}.pt"
     save_quantized(model, path, name, result.spec, {"method": "minmax", "calib_seconds": result.calib_seconds})
     return path
 
 
 def run_speed(names: list[str], args: argparse.Namespace, folder: Path) -> None:
-    """bench-speed for each network; one JSON cell per network."""
+    """bench-speed for each network and recipe; one JSON cell each (`speed|NAME`, `speed-glue|NAME`)."""
     for name in names:
-        start = time.perf_counter()
-        path = quantize_w8a8(name, args.assets, folder)
-        try:
-            report = api.bench_speed(path, args.size, args.threads, args.runs, args.assets)
-        except SrquantError as err:  # recorded: what the export cannot do yet is part of the result
-            update_json(OUT, f"speed|{name}", {"error": str(err)})
-            print(f"{name:<10} not exported: {err}", flush=True)
-            continue
-        cell = report.to_json() | {"wall_seconds": time.perf_counter() - start}
-        update_json(OUT, f"speed|{name}", cell)
-        print(
-            f"{name:<10} fp32 {report.fp32_ms:8.1f} ms ({report.fp32_setting}) int {report.int_ms:8.1f} ms "
-            f"({report.int_setting}) x{report.speedup:.2f}  Set5 {report.psnr_fake:.3f} -> {report.psnr_int:.3f} "
-            f"({report.psnr_delta_db:+.4f} dB)  peak {report.peak_mb:.0f}/{report.fp32_peak_mb:.0f} MB",
-            flush=True,
-        )
+        for prefix in RECIPES:
+            glue = prefix == "speed-glue"
+            if glue and not has_glue_hooks(name):
+                continue
+            start = time.perf_counter()
+            path = quantize_w8a8(name, args.assets, folder, glue)
+            try:
+                report = api.bench_speed(path, args.size, args.threads, args.runs, args.assets)
+            except SrquantError as err:  # recorded: what the export cannot do yet is part of the result
+                update_json(OUT, f"{prefix}|{name}", {"error": str(err)})
+                print(f"{name:<10} not exported: {err}", flush=True)
+                continue
+            cell = report.to_json() | {"wall_seconds": time.perf_counter() - start}
+            update_json(OUT, f"{prefix}|{name}", cell)
+            print(
+                f"{name:<10} {RECIPES[prefix]:<15} fp32 {report.fp32_ms:8.1f} ms ({report.fp32_setting}) int "
+                f"{report.int_ms:8.1f} ms ({report.int_setting}) x{report.speedup:.2f}  Set5 {report.psnr_fake:.3f} -> "
+                f"{report.psnr_int:.3f} ({report.psnr_delta_db:+.4f} dB)  peak {report.peak_mb:.0f}/"
+                f"{report.fp32_peak_mb:.0f} MB",
+                flush=True,
+            )
 
 
 def run_sizes(names: list[str], assets: str, folder: Path) -> None:
@@ -126,21 +143,25 @@ def op_profile(path: Path, size: tuple[int, int], threads: int, runs: int = 3) -
 
 
 def run_profile(names: list[str], args: argparse.Namespace, folder: Path) -> None:
-    """Where the time goes in the integer and float graphs of each network."""
+    """Where the time goes in the integer and float graphs of each network (and its integer-glue graph)."""
     for name in names:
-        model, _, _ = api.load_quantized_model(quantize_w8a8(name, args.assets, folder))
-        fixed = int(getattr(model, "pad_multiple", 1)) != 1
-        try:
-            export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None)
-        except SrquantError as err:
-            print(f"{name}: no profile, not exported: {err}", flush=True)
-            continue
-        export_float_onnx(model, folder / f"{name}_fp32.onnx", args.size if fixed else None)
-        cell = {
-            kind: op_profile(folder / f"{name}_{kind}.onnx", args.size, args.threads or 2) for kind in ("int", "fp32")
-        }
-        update_json(OUT, f"profile|{name}", cell)
-        print(name, {k: round(v) for k, v in list(cell["int"].items())[:6]}, flush=True)
+        for prefix in RECIPES:
+            glue = prefix == "speed-glue"
+            if glue and not has_glue_hooks(name):
+                continue
+            model, _, _ = api.load_quantized_model(quantize_w8a8(name, args.assets, folder, glue))
+            fixed = int(getattr(model, "pad_multiple", 1)) != 1
+            try:
+                export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None)
+            except SrquantError as err:
+                print(f"{name}: no profile, not exported: {err}", flush=True)
+                continue
+            export_float_onnx(model, folder / f"{name}_fp32.onnx", args.size if fixed else None)
+            kinds = ("int",) if glue else ("int", "fp32")  # the float graph is the same for both recipes
+            cell = {kind: op_profile(folder / f"{name}_{kind}.onnx", args.size, args.threads or 2) for kind in kinds}
+            key = f"profile-glue|{name}" if glue else f"profile|{name}"
+            update_json(OUT, key, cell)
+            print(key, {k: round(v) for k, v in list(cell["int"].items())[:6]}, flush=True)
 
 
 def run_pt2e(args: argparse.Namespace) -> None:
@@ -192,23 +213,26 @@ def table() -> str:
     lines += [
         "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
         "",
-        "| network | FP32 ms (setting) | int8 ms (setting) | speed-up | peak MB int / fp32 | Set5 fake-quant | "
-        "Set5 integer | difference dB | integer convs | ops moved to uint8 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network | recipe | FP32 ms (setting) | int8 ms (setting) | speed-up | peak MB int / fp32 | "
+        "Set5 fake-quant | Set5 integer | difference dB | integer convs | glue tensors | ops moved to uint8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in CNNS + TRANSFORMERS:
-        cell = data.get(f"speed|{name}")
-        if not cell:
-            continue
-        if "error" in cell:
-            lines.append(f"| {name} | not exported: {cell['error']} |" + " |" * 9)
-            continue
-        lines.append(
-            f"| {name} | {cell['fp32_ms']:.1f} ({cell['fp32_setting']}) | {cell['int_ms']:.1f} ({cell['int_setting']}) "
-            f"| {cell['speedup']:.2f}x | {cell['peak_mb']:.0f} / {cell['fp32_peak_mb']:.0f} | {cell['psnr_fake']:.3f} "
-            f"| {cell['psnr_int']:.3f} | {cell['psnr_delta_db']:+.4f} | "
-            f"{cell['export']['quantized_convs']} | {len(cell['export'].get('uint8_ops', []))} |"
-        )
+        for prefix, recipe in RECIPES.items():
+            cell = data.get(f"{prefix}|{name}")
+            if not cell:
+                continue
+            if "error" in cell:
+                lines.append(f"| {name} | {recipe} | not exported: {cell['error']} |" + " |" * 9)
+                continue
+            export = cell["export"]
+            lines.append(
+                f"| {name} | {recipe} | {cell['fp32_ms']:.1f} ({cell['fp32_setting']}) | {cell['int_ms']:.1f} "
+                f"({cell['int_setting']}) | {cell['speedup']:.2f}x | {cell['peak_mb']:.0f} / "
+                f"{cell['fp32_peak_mb']:.0f} | {cell['psnr_fake']:.3f} | {cell['psnr_int']:.3f} | "
+                f"{cell['psnr_delta_db']:+.4f} | "
+                f"{export['quantized_convs']} | {len(export.get('glue', []))} | {len(export.get('uint8_ops', []))} |"
+            )
     pt2e = data.get("pt2e|imdn")
     if pt2e:
         lines += ["", "## PyTorch PT2E (x86 Inductor int8) on IMDN x4, same input", "", "| setting | ms |", "|---|---|"]
@@ -234,11 +258,16 @@ def table() -> str:
     if profiles:
         lines += ["", "## Where the time goes (ms per operator type, 256x256, top 8)", ""]
         for name in profiles:
-            cell = data[f"profile|{name}"]
-            for kind in ("int", "fp32"):
-                ranked = sorted(cell[kind].items(), key=lambda item: -item[1])  # the JSON file sorts keys by name
+            for key, kind, label in (
+                (f"profile|{name}", "int", "int"),
+                (f"profile-glue|{name}", "int", "int + glue"),
+                (f"profile|{name}", "fp32", "fp32"),
+            ):
+                if key not in data:
+                    continue
+                ranked = sorted(data[key][kind].items(), key=lambda item: -item[1])  # the JSON sorts keys by name
                 top = ", ".join(f"{op} {ms:.0f}" for op, ms in ranked[:8])
-                lines.append(f"- {name} {kind}: {top} (total {sum(cell[kind].values()):.0f})")
+                lines.append(f"- {name} {label}: {top} (total {sum(data[key][kind].values()):.0f})")
     return "\n".join(lines) + "\n"
 
 

@@ -92,6 +92,34 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
     np.testing.assert_array_equal(sunk, plain)  # exact: a permutation and a max on the grid
 
 
+@pytest.mark.parametrize("name", ["imdn", "pan"])
+def test_quantized_glue_runs_on_uint8_kernels_and_matches_the_fake_quant_model(name: str, tmp_path: Path) -> None:
+    model = quantized_tiny(name, glue_bits=8)
+    report = export_onnx(model, tmp_path / "glue.onnx")
+    marked = sorted(n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith("_glue"))
+    assert marked and report.glue == marked
+    ops = optimized_ops(tmp_path / "glue.onnx", tmp_path)
+    assert ops.count("QLinearConv") == len(report.convs)
+    # The activations, concatenations, gates and sums between the convs no longer run in float.
+    assert not {"LeakyRelu", "Concat", "Sigmoid"} & set(ops)
+    assert {"QLinearLeakyRelu", "QLinearConcat", "QLinearMul", "QLinearAdd"} <= set(ops)
+    if name == "imdn":  # the distillation splits run on uint8 (their DequantizeLinear moved past them) ...
+        assert any(op.endswith("Split") for op in report.sunk_dequantize)
+        # ... and the convs reading a split share its grid: no requantization between them.
+        assert model.get_submodule("IMDB1.c2").input_quantizer is model.get_submodule("IMDB1.act1_glue")
+        assert ops.count("DequantizeLinear") < ops.count("QLinearConv") // 2
+    x = smooth_batches(1, 20)[0]
+    out = ort_session(tmp_path / "glue.onnx", 1).run(None, {"lr": x.numpy()})[0]
+    with torch.no_grad():
+        reference = model(x).numpy()
+    diff = np.abs(out - reference)
+    assert (diff > 1e-4).mean() < 0.05
+    assert diff.mean() < 5e-4 and diff.max() < 0.03
+    export_onnx(model, tmp_path / "again.onnx")  # the glue quantizers were swapped out for the trace only
+    with torch.no_grad():
+        assert np.array_equal(model(x).numpy(), reference)
+
+
 def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:
     model = quantized_tiny()
     export_float_onnx(model, tmp_path / "f.onnx")

@@ -49,6 +49,7 @@ def quantize(
     progress: bool = False,
     weight_quantizer: str = "asymmetric",
     output_bits: int | None = None,
+    glue_bits: int | None = None,
     **overrides: object,
 ) -> QuantizationResult:
     """Load a zoo model and quantize it by `method` (see `METHODS`, e.g. 2dquant, adabm, granular-dq).
@@ -61,7 +62,9 @@ def quantize(
     root = asset_dir(assets)
     folder = Path(calib) if calib is not None else root / "calibration" / "train291"
     model = load_model(name, scale, assets)
-    spec = QuantSpec(w_bits, a_bits, full=full, weight_quantizer=weight_quantizer, output_bits=output_bits)
+    spec = QuantSpec(
+        w_bits, a_bits, full=full, weight_quantizer=weight_quantizer, output_bits=output_bits, glue_bits=glue_bits
+    )
     return quantize_model(
         model, get_entry(name).layout, method, spec, folder, preset, root / "datasets", progress, **overrides
     )

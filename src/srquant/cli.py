@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="also quantize each quantized layer's output at B bits, as integer kernels do (use 8 before export)",
     )
+    qz.add_argument(
+        "--glue-bits",
+        type=_positive_int,
+        help="with --output-bits: also quantize the tensors between layers (activations, concatenations, sums) "
+        "at B bits, so an integer runtime stays in uint8 between its kernels (IMDN, PAN)",
+    )
     qz.add_argument("--no-matmul", action="store_true", help="leave attention matmul operands in float (transformers)")
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     qz.add_argument(
@@ -246,14 +252,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise SrquantError(f"calibration folder {calib} not found; pass --calib DIR (training images, not a benchmark)")
     entry = get_entry(args.model)
     model = api.load_model(args.model, args.scale, args.assets, args.weights)
-    spec = QuantSpec(
-        w_bits=args.wbits,
-        a_bits=args.abits,
-        full=args.full,
-        weight_quantizer=args.weight_quantizer,
-        output_bits=args.output_bits,
-        matmul=not args.no_matmul,
-    )
+    try:
+        spec = QuantSpec(
+            w_bits=args.wbits,
+            a_bits=args.abits,
+            full=args.full,
+            weight_quantizer=args.weight_quantizer,
+            output_bits=args.output_bits,
+            glue_bits=args.glue_bits,
+            matmul=not args.no_matmul,
+        )
+    except ValueError as err:
+        raise SrquantError(str(err)) from None
     result = quantize_model(
         model,
         entry.layout,
@@ -289,7 +299,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets)
     shape = "any LR size" if report.dynamic_axes else f"LR {args.size[0]}x{args.size[1]}"
-    print(f"wrote {args.output}: {len(report.convs)} integer convs, for {shape}")
+    glue = f" and {len(report.glue)} quantized tensors between them" if report.glue else ""
+    print(f"wrote {args.output}: {len(report.convs)} integer convs{glue}, for {shape}")
     if report.regridded_weights:
         print(f"note: {len(report.regridded_weights)} weights re-gridded to symmetric int8 (not bit-exact)")
     unsimulated = report.calibrated_outputs + report.image_outputs + report.shared_outputs

@@ -31,6 +31,7 @@ def test_pack_round_trip(bits: int) -> None:
         ("swinir-light", QuantSpec(3, 3)),
         ("eswt", QuantSpec(2, 4)),
         ("carn-m", QuantSpec(4, 4, full=True)),
+        ("pan", QuantSpec(8, 8, full=True, output_bits=8, glue_bits=8)),
         ("edsr-baseline", QuantSpec(4, 4, weight_quantizer="symmetric")),
         ("srresnet", QuantSpec(4, 8, weight_quantizer="lsq", act_quantizer="lsq")),
     ],

@@ -157,3 +157,34 @@ def test_methods_calibrate_every_quantizer(method: str) -> None:
     set_mode(model, QuantMode.QUANT)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("name", ["imdn", "pan"])
+def test_glue_bits_quantize_the_marked_tensors_between_layers(name: str) -> None:
+    spec = QuantSpec(8, 8, full=True, output_bits=8, glue_bits=8)
+    torch.manual_seed(0)
+    model = build_model(name, 4, tiny=True).eval()
+    report = quantize_(model, spec, REGISTRY[name].layout)
+    marked = [n for n, m in build_model(name, 4, tiny=True).named_modules() if n.endswith("_glue")]
+    assert marked and sorted(report.glue) == sorted(marked)  # every tap, and nothing else
+    assert all(isinstance(model.get_submodule(n), AsymmetricQuantizer) for n in marked)
+    x = torch.rand(1, 3, 12, 12)
+    calibrate(model, [x], "minmax")
+    glue = model.get_submodule(marked[0])
+    seen: list[torch.Tensor] = []
+    handle = glue.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    lower, upper = (float(b) for b in glue._bounds())
+    step = (upper - lower) / 255
+    codes = seen[0] / step + round(-lower / step)  # grids with an integer zero point (align_zero)
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # the tensor now lies on its 8-bit grid
+    assert "glue tensors" in report.summary()
+
+
+def test_glue_bits_need_output_bits() -> None:
+    with pytest.raises(ValueError, match="glue_bits needs output_bits"):
+        QuantSpec(8, 8, glue_bits=8)
+    with pytest.raises(ValueError, match="glue_bits must be"):
+        QuantSpec(8, 8, output_bits=8, glue_bits=1)

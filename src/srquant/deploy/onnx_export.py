@@ -31,8 +31,8 @@ from torch import nn
 
 from srquant.errors import SrquantError
 from srquant.quant.modules import is_quantized
-from srquant.quant.quantize import fp_mode, quantizers
-from srquant.quant.quantizers import AsymmetricQuantizer, QuantMode, SymmetricQuantizer
+from srquant.quant.quantize import GLUE_HOOK_SUFFIX, fp_mode, quantizers
+from srquant.quant.quantizers import AsymmetricQuantizer, Quantizer, QuantMode, SymmetricQuantizer
 
 OPSET = 17
 
@@ -62,6 +62,7 @@ class ExportReport:
     image_outputs: list[str] = field(default_factory=list)
     simulated_outputs: list[str] = field(default_factory=list)
     sunk_dequantize: list[str] = field(default_factory=list)  # ops that now run on uint8 (DequantizeLinear after)
+    glue: list[str] = field(default_factory=list)  # quantized tensors between layers, exported as Q/DQ pairs
     dynamic_axes: bool = True
 
 
@@ -157,11 +158,60 @@ def output_ranges(model: nn.Module, names: Sequence[str], inputs: Sequence[torch
     return {name: (low, high) for name, (low, high) in ranges.items()}
 
 
-def _float_onnx(model: nn.Module, sample: torch.Tensor, dynamic: bool) -> bytes:
-    """The float network (quantizers off) as ONNX bytes, with the LR height/width dynamic when allowed."""
+class _GlueQDQ(nn.Module):
+    """Stands in for a glue quantizer during export: traces to a QuantizeLinear -> DequantizeLinear pair."""
+
+    def __init__(self, scale: float, zero: int) -> None:
+        """Hold the uint8 grid of the quantizer it replaces."""
+        super().__init__()
+        self.scale, self.zero = scale, zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same rounding onnxruntime's QuantizeLinear / DequantizeLinear do."""
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, 0, 255)
+
+
+def glue_grids(model: nn.Module) -> dict[str, tuple[float, int]]:
+    """uint8 grids of the model's glue quantizers (tensors between layers) that run in QUANT mode."""
+    named = model.named_modules(remove_duplicate=False)  # a glue quantizer may also be a layer's input one
+    return {
+        name: _input_grid(name, q)
+        for name, q in named
+        if isinstance(q, Quantizer) and name.endswith(GLUE_HOOK_SUFFIX) and q.mode is QuantMode.QUANT
+    }
+
+
+class _glue_as_qdq:
+    """Swap the glue quantizers for `_GlueQDQ` stand-ins while the float graph is traced, then put them back."""
+
+    def __init__(self, model: nn.Module, grids: dict[str, tuple[float, int]]) -> None:
+        """`grids` maps each glue quantizer's name to its (scale, zero point)."""
+        self.model, self.grids = model, grids
+        self.saved: tuple[tuple[str, nn.Module], ...] = ()
+
+    def _swap(self, name: str, module: nn.Module) -> nn.Module:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        old = getattr(parent, leaf)
+        setattr(parent, leaf, module)
+        return old
+
+    def __enter__(self) -> None:
+        self.saved = tuple((name, self._swap(name, _GlueQDQ(*grid))) for name, grid in self.grids.items())
+
+    def __exit__(self, *exc: object) -> None:
+        for name, module in self.saved:
+            self._swap(name, module)
+
+
+def _float_onnx(
+    model: nn.Module, sample: torch.Tensor, dynamic: bool, glue: dict[str, tuple[float, int]] | None = None
+) -> bytes:
+    """The float network (quantizers off, glue quantizers as Q/DQ pairs) as ONNX bytes, with the LR height/width
+    dynamic when allowed."""
     buffer = io.BytesIO()
     axes = {"lr": {2: "height", 3: "width"}, "sr": {2: "out_height", 3: "out_width"}} if dynamic else None
-    with fp_mode(model), torch.no_grad(), _quiet():
+    with fp_mode(model), _glue_as_qdq(model, glue or {}), torch.no_grad(), _quiet():
         torch.onnx.export(
             model,
             (sample,),
@@ -226,38 +276,63 @@ def _int_initializer_dq(graph, array: np.ndarray, scales: np.ndarray, tag: str) 
     return f"{tag}_dq"
 
 
-SINKABLE = ("DepthToSpace", "Relu")  # exact on a uint8 grid: a permutation, and max(q, zero point)
+SINKABLE = ("DepthToSpace", "Relu", "Split", "Resize")  # exact on a uint8 grid (Resize in nearest mode only)
+
+
+def _sinkable(node) -> bool:  # noqa: ANN001 - onnx NodeProto
+    """True for ops that commute with dequantization: permutations and selections of values, and ReLU."""
+    if node.op_type == "Resize":
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+        return mode == b"nearest"
+    return node.op_type in SINKABLE
 
 
 def _sink_dequantize(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
-    """Move each conv output's DequantizeLinear past the DepthToSpace / ReLU ops that are its only reader.
+    """Move each per-tensor DequantizeLinear past the DepthToSpace / Split / nearest Resize / ReLU op that is its
+    only reader.
 
-    `DQ -> DepthToSpace` becomes `DepthToSpace -> DQ` (a permutation commutes with an elementwise map) and
-    `DQ -> Relu` becomes `Max(q, zero point) -> DQ` (relu(s(q - z)) = s(max(q, z) - z) for s > 0): the same
-    values, with the op on uint8. Repeated while something moves; returns the ops now on uint8.
+    `DQ -> DepthToSpace` becomes `DepthToSpace -> DQ` (moving, splitting or repeating values commutes with an
+    elementwise map; a Split gets one DQ per output) and `DQ -> Relu` becomes `Max(q, zero point) -> DQ`
+    (relu(s(q - z)) = s(max(q, z) - z) for s > 0): the same values, with the op on uint8. Repeated while
+    something moves; returns the ops now on uint8.
     """
+    from onnx import helper
+
     outputs = {o.name for o in graph.output}
     moved: list[str] = []
     progress = True
     while progress:
         progress = False
-        for dq in graph.node:
-            if dq.op_type != "DequantizeLinear" or not dq.name.endswith("_out_DQ") or dq.output[0] in outputs:
+        readers: dict[str, list] = {}
+        for node in graph.node:
+            for tensor in set(node.input):
+                readers.setdefault(tensor, []).append(node)
+        for dq in list(graph.node):
+            per_channel = any(a.name == "axis" for a in dq.attribute)
+            if dq.op_type != "DequantizeLinear" or dq.output[0] in outputs or per_channel:
                 continue
-            readers = [n for n in graph.node if dq.output[0] in n.input]
-            if len(readers) != 1 or readers[0].op_type not in SINKABLE or list(readers[0].input) != [dq.output[0]]:
+            found = readers.get(dq.output[0], [])
+            if len(found) != 1 or not _sinkable(found[0]):
                 continue
-            op = readers[0]
+            op = found[0]
+            if op.input[0] != dq.output[0] or dq.output[0] in op.input[1:]:
+                continue
             if op.op_type == "Relu":
                 op.op_type = "Max"
                 op.input.append(dq.input[2])  # the zero point: the integer code of 0.0
-            float_out = op.output[0]
             op.input[0] = dq.input[0]
-            op.output[0] = f"{float_out}_uint8"
-            dq.input[0] = op.output[0]
-            dq.output[0] = float_out
+            for index, float_out in enumerate(list(op.output)):
+                op.output[index] = f"{float_out}_uint8"
+                if index == 0:
+                    dq.input[0], dq.output[0] = op.output[0], float_out
+                else:
+                    extra = helper.make_node(
+                        "DequantizeLinear", [op.output[index], *dq.input[1:]], [float_out], name=f"{dq.name}_{index}"
+                    )
+                    graph.node.append(extra)
             moved.append(op.name)
             progress = True
+            break  # the readers map is stale now
     return moved
 
 
@@ -410,8 +485,9 @@ def export_onnx(
             "images for their output ranges, or quantize with --output-bits 8 so the model simulates them"
         )
     ranges = output_ranges(model, need, calib_inputs or [])
-    onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic))
-    report = ExportReport(dynamic_axes=dynamic)
+    glue = glue_grids(model)
+    onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic, glue))
+    report = ExportReport(dynamic_axes=dynamic, glue=sorted(glue))
     _rewrite(onnx_model, params, ranges, report)
     onnx_model.producer_name = "srquant"
     onnx.checker.check_model(onnx_model)

@@ -1,5 +1,9 @@
 """IMDN: information multi-distillation network (Hui et al., ACM MM 2019).
 
+Identity modules named ``*_glue`` mark the tensors between layers (activation outputs, the concatenation,
+the attention gate, the block output); they hold no parameters and let a quantizer be put on those tensors
+without changing this file.
+
 Parameter names follow the released checkpoints of Zheng222/IMDN (``IMDN_x{2,3,4}.pth``, stored with a
 ``module.`` prefix that the registry strips). The pretrained configuration is ``IMDN(scale=s)`` with the
 defaults below (64 features, 6 blocks); the network takes RGB in [0, 1] and needs no padding.
@@ -29,12 +33,13 @@ class ContrastChannelAttention(nn.Module):
             nn.Conv2d(channels // reduction, channels, 1),
             nn.Sigmoid(),
         )
+        self.gate_glue = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scale each channel of ``x`` by a weight computed from its contrast and mean."""
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
-        return x * self.conv_du(std + mean)
+        return x * self.gate_glue(self.conv_du(std + mean))
 
 
 class IMDBlock(nn.Module):
@@ -52,16 +57,19 @@ class IMDBlock(nn.Module):
         self.act = nn.LeakyReLU(0.05)
         self.c5 = _conv(channels, channels, 1)
         self.cca = ContrastChannelAttention(self.distilled * 4, attention_reduction)
+        self.act1_glue, self.act2_glue, self.act3_glue = nn.Identity(), nn.Identity(), nn.Identity()
+        self.cat_glue = nn.Identity()
+        self.out_glue = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Distill features progressively, gate them by attention, fuse, and add the block input."""
         kept: list[torch.Tensor] = []
         rest = x
-        for conv in (self.c1, self.c2, self.c3):
-            head, rest = torch.split(self.act(conv(rest)), (self.distilled, self.remaining), dim=1)
+        for conv, glue in ((self.c1, self.act1_glue), (self.c2, self.act2_glue), (self.c3, self.act3_glue)):
+            head, rest = torch.split(glue(self.act(conv(rest))), (self.distilled, self.remaining), dim=1)
             kept.append(head)
         kept.append(self.c4(rest))
-        return self.c5(self.cca(torch.cat(kept, dim=1))) + x
+        return self.out_glue(self.c5(self.cca(self.cat_glue(torch.cat(kept, dim=1)))) + x)
 
 
 class IMDN(nn.Module):

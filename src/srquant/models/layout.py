@@ -15,7 +15,11 @@ class QuantLayout:
     fixed_8bit: the remaining convs that a "fully quantized" model runs at W8A8 (head, upsampler, tail);
     never: modules that are never quantized (fixed mean-shift layers, attention gates and the like);
     weight_groups: fused layers whose weight gets one bound pair per slice along the output dimension
-        (a fused qkv projection quantized as separate q, k and v weights, as 2DQuant does).
+        (a fused qkv projection quantized as separate q, k and v weights, as 2DQuant does);
+    glue_inputs: (layer pattern, glue hook) pairs for layers that read a slice of a ``*_glue`` tensor (the
+        hook name may use the pattern's groups, as in ``re.Match.expand``); with quantized glue such a layer
+        shares the hook's grid instead of rounding the slice to a second one, so an integer graph passes the
+        uint8 slice straight on.
     """
 
     body: tuple[str, ...]
@@ -23,3 +27,4 @@ class QuantLayout:
     fixed_8bit: tuple[str, ...] = ()
     never: tuple[str, ...] = ()
     weight_groups: tuple[tuple[str, int], ...] = ()
+    glue_inputs: tuple[tuple[str, str], ...] = ()

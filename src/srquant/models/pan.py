@@ -1,5 +1,9 @@
 """PAN: pixel attention network (Zhao et al., ECCV Workshops 2020).
 
+Identity modules named ``*_glue`` mark the tensors between layers that no single convolution reads (branch
+activations, sigmoid gates, gated products, block and stage outputs); they hold no parameters and let a
+quantizer be put on those tensors without changing this file.
+
 Parameter names follow the released checkpoints of zhaohengyuan1/PAN (``PANx{2,3,4}_DF2K.pth``, a plain
 state dict). The pretrained configuration is ``PAN(3, 3, nf=40, unf=24, nb=16, scale=s)``, which are also the
 defaults below; the network takes RGB in [0, 1] and needs no padding.
@@ -25,10 +29,12 @@ class PixelAttention(nn.Module):
         """Build the gate for ``channels`` features."""
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
+        self.gate_glue = nn.Identity()
+        self.out_glue = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` multiplied by its sigmoid gate."""
-        return x * torch.sigmoid(self.conv(x))
+        return self.out_glue(x * self.gate_glue(torch.sigmoid(self.conv(x))))
 
 
 class PAConv(nn.Module):
@@ -40,10 +46,11 @@ class PAConv(nn.Module):
         self.k2 = nn.Conv2d(channels, channels, 1)
         self.k3 = _conv3x3(channels, channels, bias=False)
         self.k4 = _conv3x3(channels, channels, bias=False)
+        self.gate_glue = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate the 3x3 response of ``x`` by the sigmoid of its 1x1 response, then convolve again."""
-        return self.k4(self.k3(x) * torch.sigmoid(self.k2(x)))
+        return self.k4(self.k3(x) * self.gate_glue(torch.sigmoid(self.k2(x))))
 
 
 class SCPA(nn.Module):
@@ -59,12 +66,14 @@ class SCPA(nn.Module):
         self.PAConv = PAConv(half)
         self.conv3 = nn.Conv2d(2 * half, channels, 1, bias=False)
         self.act = nn.LeakyReLU(0.2)
+        self.plain_glue, self.branch_glue, self.attended_glue = nn.Identity(), nn.Identity(), nn.Identity()
+        self.out_glue = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run both branches on ``x``, concatenate, fuse and add the block input."""
-        plain = self.act(self.k1(self.act(self.conv1_a(x))))
-        attended = self.act(self.PAConv(self.act(self.conv1_b(x))))
-        return self.conv3(torch.cat((plain, attended), dim=1)) + x
+        plain = self.plain_glue(self.act(self.k1(self.act(self.conv1_a(x)))))
+        attended = self.attended_glue(self.act(self.PAConv(self.branch_glue(self.act(self.conv1_b(x))))))
+        return self.out_glue(self.conv3(torch.cat((plain, attended), dim=1)) + x)
 
 
 class PAN(nn.Module):
@@ -100,22 +109,24 @@ class PAN(nn.Module):
             self.HRconv2 = _conv3x3(unf, unf)
         self.conv_last = _conv3x3(unf, out_nc)
         self.act = nn.LeakyReLU(0.2)
+        self.trunk_glue = nn.Identity()
+        self.up1_glue, self.up2_glue = nn.Identity(), nn.Identity()
 
     def _upsample(
-        self, x: torch.Tensor, factor: int, upconv: nn.Module, att: nn.Module, hrconv: nn.Module
+        self, x: torch.Tensor, factor: int, upconv: nn.Module, att: nn.Module, hrconv: nn.Module, glue: nn.Module
     ) -> torch.Tensor:
         """One upsampling stage: nearest-neighbour enlargement, convolution, pixel attention, convolution."""
         x = upconv(F.interpolate(x, scale_factor=factor, mode="nearest"))
-        return self.act(hrconv(self.act(att(x))))
+        return glue(self.act(hrconv(self.act(att(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Super-resolve ``x`` (RGB in [0, 1], [B, 3, H, W]) to [B, 3, scale*H, scale*W]."""
         shallow = self.conv_first(x)
-        feat = shallow + self.trunk_conv(self.SCPA_trunk(shallow))
+        feat = self.trunk_glue(shallow + self.trunk_conv(self.SCPA_trunk(shallow)))
         if self.scale == 4:
-            feat = self._upsample(feat, 2, self.upconv1, self.att1, self.HRconv1)
-            feat = self._upsample(feat, 2, self.upconv2, self.att2, self.HRconv2)
+            feat = self._upsample(feat, 2, self.upconv1, self.att1, self.HRconv1, self.up1_glue)
+            feat = self._upsample(feat, 2, self.upconv2, self.att2, self.HRconv2, self.up2_glue)
         else:
-            feat = self._upsample(feat, self.scale, self.upconv1, self.att1, self.HRconv1)
+            feat = self._upsample(feat, self.scale, self.upconv1, self.att1, self.HRconv1, self.up1_glue)
         skip = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return self.conv_last(feat) + skip

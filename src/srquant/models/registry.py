@@ -171,6 +171,11 @@ REGISTRY: dict[str, ModelEntry] = {
             post_activation=(r"IMDB\d+\.c[2-5]",),
             fixed_8bit=(r"fea_conv", r"c\.0", r"LR_conv", r"upsampler\.0"),
             never=(r"IMDB\d+\.cca\..*",),
+            glue_inputs=(
+                (r"(IMDB\d+)\.c2", r"\1.act1_glue"),
+                (r"(IMDB\d+)\.c3", r"\1.act2_glue"),
+                (r"(IMDB\d+)\.c4", r"\1.act3_glue"),
+            ),
         ),
     ),
     "pan": ModelEntry(

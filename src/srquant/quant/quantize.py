@@ -5,6 +5,7 @@ The FP teacher used by distillation is the same network with quantization switch
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from srquant.quant.quantizers import (
 from srquant.quant.spec import QuantLayout, QuantSpec, matches
 
 MATMUL_HOOKS = ("q_hook", "k_hook", "v_hook", "attn_hook")
+GLUE_HOOK_SUFFIX = "_glue"  # leaf-name suffix of the nn.Identity taps architectures put between layers
 
 
 @dataclass
@@ -30,6 +32,8 @@ class QuantReport:
 
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)
     matmul: dict[str, int] = field(default_factory=dict)
+    glue: dict[str, int] = field(default_factory=dict)
+    shared_inputs: dict[str, str] = field(default_factory=dict)  # layer -> glue hook whose grid it reads with
 
     def summary(self) -> str:
         """One line: counts per bit setting."""
@@ -39,6 +43,8 @@ class QuantReport:
         parts = [f"{n} layers at W{w}A{a}" for (w, a), n in sorted(counts.items())]
         if self.matmul:
             parts.append(f"{len(self.matmul)} matmul operands")
+        if self.glue:
+            parts.append(f"{len(self.glue)} glue tensors")
         return ", ".join(parts) or "nothing quantized"
 
 
@@ -98,7 +104,28 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
                 quantizer = _act_quantizer(spec.act_quantizer, spec.a_bits, one_sided=leaf == "attn_hook")
                 _set_child(model, name, quantizer)
                 report.matmul[name] = spec.a_bits
+    if spec.glue_bits is not None:
+        for name, module in list(model.named_modules()):
+            if name.endswith(GLUE_HOOK_SUFFIX) and isinstance(module, nn.Identity) and not matches(name, spec.keep_fp):
+                _set_child(model, name, AsymmetricQuantizer(spec.glue_bits, align_zero=True))
+                report.glue[name] = spec.glue_bits
+        _share_glue_grids(model, layout, report)
     return report
+
+
+def _share_glue_grids(model: nn.Module, layout: QuantLayout, report: QuantReport) -> None:
+    """Give each layer that reads a slice of a quantized glue tensor that tensor's quantizer as its input one.
+
+    The slice is already on the glue grid, so the shared quantizer maps it to itself: one rounding, not two.
+    """
+    for name in report.layers:
+        for pattern, hook in layout.glue_inputs:
+            found = re.fullmatch(pattern, name)
+            if found is None or found.expand(hook) not in report.glue:
+                continue
+            module = model.get_submodule(name)
+            module.input_quantizer = model.get_submodule(found.expand(hook))
+            report.shared_inputs[name] = found.expand(hook)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:

@@ -21,7 +21,10 @@ class QuantSpec:
     `matmul` is set and the architecture exposes the hooks. With `output_bits`, every quantized layer also
     quantizes its output (bias included) at that width, as integer kernels such as onnxruntime's QLinearConv
     do, and every activation grid gets an integer zero point (uint8 kernels need one); the simulated model
-    then computes what the exported integer graph computes.
+    then computes what the exported integer graph computes. With `glue_bits` (which needs `output_bits`), the
+    tensors between layers that the architecture marks with `*_glue` hooks (activation outputs, concatenations,
+    residual sums, attention gates) are quantized too, so an integer runtime can chain its kernels without
+    returning to float between them.
     """
 
     w_bits: int = 4
@@ -34,6 +37,7 @@ class QuantSpec:
     weight_quantizer: str = "asymmetric"
     act_quantizer: str = "asymmetric"
     output_bits: int | None = None
+    glue_bits: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -42,6 +46,11 @@ class QuantSpec:
                 raise ValueError(f"{name} must be an integer in [1, 16], got {bits!r}")
         if self.output_bits is not None and (not isinstance(self.output_bits, int) or not 2 <= self.output_bits <= 16):
             raise ValueError(f"output_bits must be None or an integer in [2, 16], got {self.output_bits!r}")
+        if self.glue_bits is not None:
+            if not isinstance(self.glue_bits, int) or not 2 <= self.glue_bits <= 16:
+                raise ValueError(f"glue_bits must be None or an integer in [2, 16], got {self.glue_bits!r}")
+            if self.output_bits is None:
+                raise ValueError("glue_bits needs output_bits: quantized glue only helps between quantized outputs")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ValueError(f"weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
         if self.act_quantizer not in ACT_QUANTIZERS:
@@ -65,6 +74,7 @@ class QuantSpec:
             "weight_quantizer": self.weight_quantizer,
             "act_quantizer": self.act_quantizer,
             "output_bits": self.output_bits,
+            "glue_bits": self.glue_bits,
             "extra": dict(self.extra),
         }
 
