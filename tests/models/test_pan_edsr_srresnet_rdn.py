@@ -115,3 +115,16 @@ def test_rdn_full_size_structure() -> None:
     assert {"UPNet.0.weight", "UPNet.2.weight", "UPNet.4.bias"} <= keys
     assert len(model.stage_names) == 16
     assert _param_count(model) == 22_271_107
+
+
+def test_pan_upsampling_order_equals_the_released_one() -> None:
+    """act(x) * gate (for integer inference) against the released act(x * gate): equal up to float rounding."""
+    torch.manual_seed(0)
+    model = pan.PAN(scale=4, **pan.TINY_KWARGS).eval()
+    feat = torch.randn(1, pan.TINY_KWARGS["nf"], 6, 5) * 3
+    with torch.no_grad():
+        x = model.upconv1(nn.functional.interpolate(feat, scale_factor=2, mode="nearest"))
+        released = model.act(model.HRconv1(model.act(model.att1(x))))
+        ours = model._upsample(feat, 2, stage=1)
+    assert (x < 0).any()  # the negative side, where the order could matter, is exercised
+    torch.testing.assert_close(ours, released, rtol=1e-6, atol=1e-6)

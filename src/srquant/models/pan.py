@@ -30,11 +30,14 @@ class PixelAttention(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
         self.gate_glue = nn.Identity()
-        self.out_glue = nn.Identity()
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The sigmoid gate of ``x``: values in (0, 1), one per pixel and channel."""
+        return self.gate_glue(torch.sigmoid(self.conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` multiplied by its sigmoid gate."""
-        return self.out_glue(x * self.gate_glue(torch.sigmoid(self.conv(x))))
+        return x * self.gate(x)
 
 
 class PAConv(nn.Module):
@@ -110,23 +113,30 @@ class PAN(nn.Module):
         self.conv_last = _conv3x3(unf, out_nc)
         self.act = nn.LeakyReLU(0.2)
         self.trunk_glue = nn.Identity()
+        self.up1_act_glue, self.up2_act_glue = nn.Identity(), nn.Identity()
         self.up1_glue, self.up2_glue = nn.Identity(), nn.Identity()
 
-    def _upsample(
-        self, x: torch.Tensor, factor: int, upconv: nn.Module, att: nn.Module, hrconv: nn.Module, glue: nn.Module
-    ) -> torch.Tensor:
-        """One upsampling stage: nearest-neighbour enlargement, convolution, pixel attention, convolution."""
+    def _upsample(self, x: torch.Tensor, factor: int, stage: int) -> torch.Tensor:
+        """One upsampling stage: nearest-neighbour enlargement, convolution, pixel attention, convolution.
+
+        The released network computes act(x * gate); this computes act(x) * gate, the same function because
+        the sigmoid gate is positive and LeakyReLU is positively homogeneous. The order matters for integer
+        inference: the product's negative tail is five times shorter after the activation, so its 8-bit grid
+        is finer, and both the activation and the product run as uint8 kernels.
+        """
+        upconv, att, hrconv = (getattr(self, f"{part}{stage}") for part in ("upconv", "att", "HRconv"))
+        act_glue, glue = getattr(self, f"up{stage}_act_glue"), getattr(self, f"up{stage}_glue")
         x = upconv(F.interpolate(x, scale_factor=factor, mode="nearest"))
-        return glue(self.act(hrconv(self.act(att(x)))))
+        return glue(self.act(hrconv(act_glue(self.act(x)) * att.gate(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Super-resolve ``x`` (RGB in [0, 1], [B, 3, H, W]) to [B, 3, scale*H, scale*W]."""
         shallow = self.conv_first(x)
         feat = self.trunk_glue(shallow + self.trunk_conv(self.SCPA_trunk(shallow)))
         if self.scale == 4:
-            feat = self._upsample(feat, 2, self.upconv1, self.att1, self.HRconv1, self.up1_glue)
-            feat = self._upsample(feat, 2, self.upconv2, self.att2, self.HRconv2, self.up2_glue)
+            feat = self._upsample(feat, 2, stage=1)
+            feat = self._upsample(feat, 2, stage=2)
         else:
-            feat = self._upsample(feat, self.scale, self.upconv1, self.att1, self.HRconv1, self.up1_glue)
+            feat = self._upsample(feat, self.scale, stage=1)
         skip = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return self.conv_last(feat) + skip
