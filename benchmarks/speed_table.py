@@ -4,7 +4,8 @@
         [--only speed,sizes,profile,pt2e]
 
 Speed: every shipped CNN at x4 and the transformers, quantized W8A8 (fully: head and tail too) by MinMax with
-symmetric weights and simulated 8-bit outputs (`--output-bits 8`), exported with `srquant export`, timed with
+symmetric weights and simulated 8-bit outputs (`--output-bits 8`), and for networks with glue taps a second
+time with the tensors between layers quantized too (`--glue-bits 8`), exported with `srquant export`, timed with
 `srquant bench-speed` (FP32 at onnxruntime's "extended" and "all" levels, the faster counts; both graphs
 interleaved in one process; median of --runs), Set5 PSNR of the integer graph against the fake-quant model.
 Sizes: the float checkpoint against packed 8/4/2-bit checkpoints (MinMax, default layers). Profile: time per
@@ -206,9 +207,11 @@ def table() -> str:
     lines = [header("Real integer inference on CPU (onnxruntime)", produced_by), ""]
     lines.append(
         "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
-        "cells (`--table-only`). Timings were taken with every other process on the machine paused. In the integer "
-        "graph each conv output's DequantizeLinear is moved past the ReLU / DepthToSpace ops it feeds (exact; "
-        "those run on uint8): `ops moved to uint8`.\n"
+        "cells (`--table-only`). Timings were taken with every other process on the machine paused. Recipes: "
+        "`conv only` quantizes the convs (`--output-bits 8`); `+ integer glue` also quantizes the tensors between "
+        "them that the architecture marks (`--glue-bits 8`; IMDN and PAN), so onnxruntime stays in uint8 between "
+        "its kernels. In the integer graph a DequantizeLinear is moved past the ReLU / DepthToSpace / Split / "
+        "nearest Resize op it feeds (exact; those run on uint8): `ops moved to uint8`.\n"
     )
     lines += [
         "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
