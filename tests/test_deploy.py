@@ -120,6 +120,23 @@ def test_quantized_glue_runs_on_uint8_kernels_and_matches_the_fake_quant_model(n
         assert np.array_equal(model(x).numpy(), reference)
 
 
+def test_narrow_convs_run_widened_with_the_same_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantized_tiny("pan")  # 8 features: every conv is narrower than 16 outputs
+    report = export_onnx(model, tmp_path / "wide.onnx")
+    assert "conv_last" in report.widened_convs
+    graph = onnx.load(tmp_path / "wide.onnx").graph
+    weights = {init.name: init for init in graph.initializer}
+    assert list(weights["conv_last_w_int"].dims)[0] == 16  # 3 image channels + 13 zero channels
+    assert optimized_ops(tmp_path / "wide.onnx", tmp_path).count("QLinearConv") == len(report.convs)
+    monkeypatch.setattr("srquant.deploy.onnx_export._widen_narrow_convs", lambda graph, names: [])
+    export_onnx(model, tmp_path / "narrow.onnx")
+    x = smooth_batches(1, 20)[0].numpy()
+    wide = ort_session(tmp_path / "wide.onnx", 1).run(None, {"lr": x})[0]
+    narrow = ort_session(tmp_path / "narrow.onnx", 1).run(None, {"lr": x})[0]
+    assert wide.shape == narrow.shape == (1, 3, 80, 80)
+    np.testing.assert_array_equal(wide, narrow)  # zero weights add nothing; the slice drops them again
+
+
 def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:
     model = quantized_tiny()
     export_float_onnx(model, tmp_path / "f.onnx")

@@ -180,6 +180,7 @@ def bench_onnxruntime(
                 "quantized_convs": len(report.convs),
                 "uint8_ops": report.sunk_dequantize,
                 "glue": report.glue,
+                "widened_convs": report.widened_convs,
                 "regridded_weights": report.regridded_weights,
                 "simulated_outputs": len(report.simulated_outputs),
                 "unsimulated_outputs": report.calibrated_outputs + report.image_outputs + report.shared_outputs,
