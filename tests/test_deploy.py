@@ -92,7 +92,14 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
     np.testing.assert_array_equal(sunk, plain)  # exact: a permutation and a max on the grid
 
 
-@pytest.mark.parametrize("name", ["imdn", "pan"])
+GLUE_KERNELS = {
+    "imdn": {"QLinearLeakyRelu", "QLinearConcat", "QLinearMul", "QLinearAdd"},
+    "pan": {"QLinearLeakyRelu", "QLinearConcat", "QLinearMul", "QLinearAdd", "QLinearSigmoid"},
+    "carn-m": {"QLinearConcat", "QLinearAdd"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GLUE_KERNELS))
 def test_quantized_glue_runs_on_uint8_kernels_and_matches_the_fake_quant_model(name: str, tmp_path: Path) -> None:
     model = quantized_tiny(name, glue_bits=8)
     report = export_onnx(model, tmp_path / "glue.onnx")
@@ -101,8 +108,8 @@ def test_quantized_glue_runs_on_uint8_kernels_and_matches_the_fake_quant_model(n
     ops = optimized_ops(tmp_path / "glue.onnx", tmp_path)
     assert ops.count("QLinearConv") == len(report.convs)
     # The activations, concatenations, gates and sums between the convs no longer run in float.
-    assert not {"LeakyRelu", "Concat", "Sigmoid"} & set(ops)
-    assert {"QLinearLeakyRelu", "QLinearConcat", "QLinearMul", "QLinearAdd"} <= set(ops)
+    assert not {"LeakyRelu", "Concat", "Sigmoid", "Mul"} & set(ops)
+    assert GLUE_KERNELS[name] <= set(ops)
     if name == "imdn":  # the distillation splits run on uint8 (their DequantizeLinear moved past them) ...
         assert any(op.endswith("Split") for op in report.sunk_dequantize)
         # ... and the convs reading a split share its grid: no requantization between them.
@@ -135,6 +142,20 @@ def test_narrow_convs_run_widened_with_the_same_output(tmp_path: Path, monkeypat
     narrow = ort_session(tmp_path / "narrow.onnx", 1).run(None, {"lr": x})[0]
     assert wide.shape == narrow.shape == (1, 3, 80, 80)
     np.testing.assert_array_equal(wide, narrow)  # zero weights add nothing; the slice drops them again
+
+
+def test_a_module_called_several_times_runs_on_the_integer_kernel_at_every_call(tmp_path: Path) -> None:
+    model = quantized_tiny("carn-m")  # each cascading block calls its one residual unit three times
+    report = export_onnx(model, tmp_path / "q.onnx")
+    assert report.convs.count("b1.b1.body.0") == 3
+    ops = optimized_ops(tmp_path / "q.onnx", tmp_path)
+    assert ops.count("QLinearConv") == len(report.convs)
+    assert ops.count("Conv") + ops.count("FusedConv") == 2  # only the never-quantized mean shifts stay float
+    x = smooth_batches(1, 20)[0]
+    out = ort_session(tmp_path / "q.onnx", 1).run(None, {"lr": x.numpy()})[0]
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert np.abs(out - reference).mean() < 5e-4
 
 
 def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ class ConvQuantParams:
 class ExportReport:
     """What the export did: quantized convs, which weights were re-gridded, how outputs were ranged."""
 
-    convs: list[str] = field(default_factory=list)
+    convs: list[str] = field(default_factory=list)  # one entry per Conv node: a shared module once per call
     regridded_weights: list[str] = field(default_factory=list)
     calibrated_outputs: list[str] = field(default_factory=list)
     shared_outputs: list[str] = field(default_factory=list)
@@ -389,28 +389,41 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
     DequantizeLinear is moved past the ReLU / DepthToSpace ops it feeds.
     """
     graph = onnx_model.graph
-    by_weight = {node.input[1]: node for node in graph.node if node.op_type == "Conv" and len(node.input) > 1}
+    by_weight: dict[str, list] = {}  # a module called several times (CARN-M's shared unit) has one node per call
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1:
+            by_weight.setdefault(node.input[1], []).append(node)
     missing = [name for name in params if f"{name}.weight" not in by_weight]
     if missing:
         raise SrquantError(f"no Conv node reads the weight of {', '.join(missing[:3])} in the exported graph")
+    calls = [
+        (name, node, name.replace(".", "_") + (f"_call{k}" if k else ""))
+        for name in params
+        for k, node in enumerate(by_weight[f"{name}.weight"])
+    ]
     used = {init.name for init in graph.initializer}
     input_grids: dict[str, tuple[float, int]] = {}  # Q node name -> grid, for the conv inputs
-    for name, p in params.items():
-        node = by_weight[f"{name}.weight"]
-        tag = name.replace(".", "_")
+    weights: dict[str, tuple[str, str | None]] = {}  # module -> its weight and bias DQ outputs, made once
+    for name, node, tag in calls:
+        p = params[name]
         node.input[0] = _qdq(graph, node.input[0], p.input_scale, p.input_zero_point, f"{tag}_in")
         input_grids[f"{tag}_in_Q"] = (p.input_scale, p.input_zero_point)
         report.convs.append(name)
-        if not p.weight_exact:
-            report.regridded_weights.append(name)
-        node.input[1] = _int_initializer_dq(graph, p.weight_codes, p.weight_scales, f"{tag}_w")
-        if len(node.input) > 2 and node.input[2]:
-            bias_scale = (p.input_scale * p.weight_scales.astype(np.float64)).astype(np.float32)
-            bias_codes = np.round(p.bias.astype(np.float64) / bias_scale).astype(np.int32)
-            node.input[2] = _int_initializer_dq(graph, bias_codes, bias_scale, f"{tag}_b")
-    for name in params:
-        node = by_weight[f"{name}.weight"]
-        tag = name.replace(".", "_")
+        if name not in weights:
+            if not p.weight_exact:
+                report.regridded_weights.append(name)
+            base = name.replace(".", "_")
+            weight = _int_initializer_dq(graph, p.weight_codes, p.weight_scales, f"{base}_w")
+            bias = None
+            if len(node.input) > 2 and node.input[2]:
+                bias_scale = (p.input_scale * p.weight_scales.astype(np.float64)).astype(np.float32)
+                bias_codes = np.round(p.bias.astype(np.float64) / bias_scale).astype(np.int32)
+                bias = _int_initializer_dq(graph, bias_codes, bias_scale, f"{base}_b")
+            weights[name] = (weight, bias)
+        node.input[1] = weights[name][0]
+        if weights[name][1] is not None:
+            node.input[2] = weights[name][1]
+    for name, node, tag in calls:
         shared = _reader_grid(graph, node.output[0], input_grids)
         if params[name].output_grid is not None:
             grid = params[name].output_grid
@@ -448,11 +461,13 @@ def _widen_narrow_convs(graph, names: Sequence[str]) -> list[str]:  # noqa: ANN0
     widened = []
     for name in names:
         tag = name.replace(".", "_")
-        codes = numpy_helper.to_array(inits[f"{tag}_w_int"])
-        conv = next(n for n in graph.node if n.op_type == "Conv" and n.input[1] == f"{tag}_w_dq")
-        groups = next((a.i for a in conv.attribute if a.name == "group"), 1)
-        out = codes.shape[0]
-        if out >= WIDE_CONV_CHANNELS or groups != 1 or f"{tag}_out_Q" not in nodes:
+        convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] == f"{tag}_w_dq"]
+        out = numpy_helper.to_array(inits[f"{tag}_w_int"]).shape[0]
+        groups = next((a.i for a in convs[0].attribute if a.name == "group"), 1) if convs else 0
+        if out >= WIDE_CONV_CHANNELS or groups != 1:
+            continue
+        output_qs = [f"{tag}{f'_call{k}' if k else ''}_out_Q" for k in range(len(convs))]
+        if not all(q in nodes for q in output_qs):
             continue
         extra = WIDE_CONV_CHANNELS - out
 
@@ -467,21 +482,20 @@ def _widen_narrow_convs(graph, names: Sequence[str]) -> list[str]:  # noqa: ANN0
             padded(f"{tag}_{part}_int", zero=True)
             padded(f"{tag}_{part}_scale", zero=False)
             padded(f"{tag}_{part}_zero_point", zero=True)
-        quantized = nodes[f"{tag}_out_Q"].output[0]
         for key, value in (("starts", 0), ("ends", out), ("axes", 1)):
             graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"{tag}_slice_{key}"))
-        sliced = f"{quantized}_sliced"
-        graph.node.append(
-            helper.make_node(
+        for q_name in output_qs:
+            quantized = nodes[q_name].output[0]
+            sliced = f"{quantized}_sliced"
+            slicer = helper.make_node(
                 "Slice",
                 [quantized, f"{tag}_slice_starts", f"{tag}_slice_ends", f"{tag}_slice_axes"],
                 [sliced],
-                name=f"{tag}_out_slice",
+                name=f"{q_name}_slice",
             )
-        )
-        for node in graph.node:
-            if node.name != f"{tag}_out_slice":
+            for node in graph.node:
                 node.input[:] = [sliced if t == quantized else t for t in node.input]
+            graph.node.append(slicer)
         widened.append(name)
     return widened
 

@@ -5,6 +5,9 @@ and x4 upsamplers plus the mean-shift 1x1 convolutions (stored as frozen paramet
 configuration is ``CARNM(scale=s)`` with the defaults below (64 features, group 4); every instance builds all
 three upsamplers so that the one file loads strictly, and ``forward`` uses the one for ``self.scale``.
 The network takes RGB in [0, 1] and needs no padding.
+
+Identity modules named ``*_glue`` mark the residual sums and the concatenations that are concatenated again;
+they hold no parameters and let a quantizer be put on those tensors without changing this file.
 """
 
 import torch
@@ -66,18 +69,24 @@ class EfficientResidual(nn.Module):
             nn.Conv2d(channels, channels, 1),
         )
         self.act = nn.ReLU()
+        self.sum_glue = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ReLU(body(x) + x)."""
-        return self.act(self.body(x) + x)
+        return self.act(self.sum_glue(self.body(x) + x))
 
 
-def _cascade(x: torch.Tensor, units: list[nn.Module], fusers: list[nn.Module]) -> torch.Tensor:
-    """Run the CARN cascade: each unit's output joins all earlier features, which a 1x1 fuser compresses."""
+def _cascade(x: torch.Tensor, units: list[nn.Module], fusers: list[nn.Module], glues: list[nn.Module]) -> torch.Tensor:
+    """Run the CARN cascade: each unit's output joins all earlier features, which a 1x1 fuser compresses.
+
+    ``glues`` tap the concatenations that the next step concatenates again (all but the last).
+    """
     gathered = x
     out = x
-    for unit, fuse in zip(units, fusers, strict=True):
+    for step, (unit, fuse) in enumerate(zip(units, fusers, strict=True)):
         gathered = torch.cat([gathered, unit(out)], dim=1)
+        if step < len(glues):
+            gathered = glues[step](gathered)
         out = fuse(gathered)
     return out
 
@@ -92,10 +101,11 @@ class CascadingBlock(nn.Module):
         self.c1 = ConvReLU(channels * 2, channels, 1)
         self.c2 = ConvReLU(channels * 3, channels, 1)
         self.c3 = ConvReLU(channels * 4, channels, 1)
+        self.cat1_glue, self.cat2_glue = nn.Identity(), nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cascade the shared residual unit three times with growing concatenations."""
-        return _cascade(x, [self.b1, self.b1, self.b1], [self.c1, self.c2, self.c3])
+        return _cascade(x, [self.b1, self.b1, self.b1], [self.c1, self.c2, self.c3], [self.cat1_glue, self.cat2_glue])
 
 
 class ShuffleUpsampler(nn.Module):
@@ -146,10 +156,13 @@ class CARNM(nn.Module):
         self.c3 = ConvReLU(features * 4, features, 1)
         self.upsample = nn.ModuleDict({f"up{s}": ShuffleUpsampler(features, s, group) for s in SCALES})
         self.exit = nn.Conv2d(features, 3, 3, padding=1)
+        self.cat1_glue, self.cat2_glue = nn.Identity(), nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Super-resolve ``x`` (RGB in [0, 1], [B, 3, H, W]) to [B, 3, scale*H, scale*W]."""
         feat = self.entry(self.sub_mean(x))
-        feat = _cascade(feat, [self.b1, self.b2, self.b3], [self.c1, self.c2, self.c3])
+        feat = _cascade(
+            feat, [self.b1, self.b2, self.b3], [self.c1, self.c2, self.c3], [self.cat1_glue, self.cat2_glue]
+        )
         feat = self.upsample[f"up{self.scale}"](feat)
         return self.add_mean(self.exit(feat))

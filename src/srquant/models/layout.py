@@ -16,10 +16,11 @@ class QuantLayout:
     never: modules that are never quantized (fixed mean-shift layers, attention gates and the like);
     weight_groups: fused layers whose weight gets one bound pair per slice along the output dimension
         (a fused qkv projection quantized as separate q, k and v weights, as 2DQuant does);
-    glue_inputs: (layer pattern, glue hook) pairs for layers that read a slice of a ``*_glue`` tensor (the
-        hook name may use the pattern's groups, as in ``re.Match.expand``); with quantized glue such a layer
-        shares the hook's grid instead of rounding the slice to a second one, so an integer graph passes the
-        uint8 slice straight on.
+    glue_inputs: (layer pattern, source) pairs for layers that read a slice of a ``*_glue`` tensor, or another
+        layer's output through ReLU / pixel shuffle only (source ``<layer>.output_quantizer``). The source may
+        use the pattern's groups (as in ``re.Match.expand``), ``{scale}``, and ``|``-separated alternatives
+        (the first that exists is taken). With quantized glue such a layer shares the source's grid instead of
+        rounding the values to a second one, so an integer graph passes the uint8 tensor straight on.
     """
 
     body: tuple[str, ...]

@@ -223,6 +223,13 @@ REGISTRY: dict[str, ModelEntry] = {
             body=(r"b[123]\..*", r"c[123]\..*"),
             fixed_8bit=(r"entry", r"upsample\..*", r"exit"),
             never=(r"(sub|add)_mean\..*",),
+            # Convs that read another conv's output through ReLU / pixel shuffle only share its output grid.
+            glue_inputs=(
+                (r"(b\d\.b1\.body)\.2", r"\1.0.output_quantizer"),
+                (r"(b\d\.b1\.body)\.4", r"\1.2.output_quantizer"),
+                (r"(upsample\.up4\.body)\.3", r"\1.0.output_quantizer"),
+                (r"exit", "upsample.up{scale}.body.3.output_quantizer|upsample.up{scale}.body.0.output_quantizer"),
+            ),
         ),
         license="MIT",
         note="one multi-scale checkpoint serves x2, x3 and x4",

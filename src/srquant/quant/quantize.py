@@ -114,18 +114,25 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
 
 
 def _share_glue_grids(model: nn.Module, layout: QuantLayout, report: QuantReport) -> None:
-    """Give each layer that reads a slice of a quantized glue tensor that tensor's quantizer as its input one.
+    """Give each layer that reads a slice of a quantized glue tensor, or another layer's output through ReLU /
+    pixel shuffle, that tensor's quantizer as its input one (the layout's `glue_inputs`).
 
-    The slice is already on the glue grid, so the shared quantizer maps it to itself: one rounding, not two.
+    The values are already on that grid, so the shared quantizer maps them to themselves: one rounding, not
+    two, and the integer graph passes the uint8 tensor straight on. A hook may hold `{scale}` and
+    `|`-separated alternatives; the first that names a glue tap or a quantized layer's output quantizer wins.
     """
     for name in report.layers:
         for pattern, hook in layout.glue_inputs:
             found = re.fullmatch(pattern, name)
-            if found is None or found.expand(hook) not in report.glue:
+            if found is None:
                 continue
-            module = model.get_submodule(name)
-            module.input_quantizer = model.get_submodule(found.expand(hook))
-            report.shared_inputs[name] = found.expand(hook)
+            for candidate in found.expand(hook).format(scale=getattr(model, "scale", 0)).split("|"):
+                layer, _, leaf = candidate.rpartition(".")
+                if candidate in report.glue or (leaf == "output_quantizer" and layer in report.layers):
+                    model.get_submodule(name).input_quantizer = model.get_submodule(candidate)
+                    report.shared_inputs[name] = candidate
+                    break
+            break
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
