@@ -209,8 +209,8 @@ def table() -> str:
         "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
         "cells (`--table-only`). Timings were taken with every other process on the machine paused. Recipes: "
         "`conv only` quantizes the convs (`--output-bits 8`); `+ integer glue` also quantizes the tensors between "
-        "them that the architecture marks (`--glue-bits 8`; IMDN, PAN and CARN-M), so onnxruntime stays in uint8 between "
-        "its kernels. In the integer graph a DequantizeLinear is moved past the ReLU / DepthToSpace / Split / "
+        "them that the architecture marks (`--glue-bits 8`; IMDN, PAN and CARN-M), so onnxruntime stays in uint8 "
+        "between its kernels. In the integer graph a DequantizeLinear is moved past the ReLU / DepthToSpace / Split / "
         "nearest Resize op it feeds (exact; those run on uint8): `ops moved to uint8`.\n"
     )
     lines += [

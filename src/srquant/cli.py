@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--glue-bits",
         type=_positive_int,
         help="with --output-bits: also quantize the tensors between layers (activations, concatenations, sums) "
-        "at B bits, so an integer runtime stays in uint8 between its kernels (IMDN, PAN)",
+        "at B bits, so an integer runtime stays in uint8 between its kernels (IMDN, PAN, CARN-M)",
     )
     qz.add_argument("--no-matmul", action="store_true", help="leave attention matmul operands in float (transformers)")
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
