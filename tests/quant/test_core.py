@@ -176,7 +176,7 @@ def test_glue_bits_quantize_the_marked_tensors_between_layers(name: str) -> None
     with torch.no_grad():
         model(x)
     handle.remove()
-    lower, upper = (float(b) for b in glue._bounds())
+    lower, upper = (float(b.detach()) for b in glue._bounds())
     step = (upper - lower) / 255
     codes = seen[0] / step + round(-lower / step)  # grids with an integer zero point (align_zero)
     assert torch.allclose(codes, codes.round(), atol=1e-3)  # the tensor now lies on its 8-bit grid
