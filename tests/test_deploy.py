@@ -158,6 +158,21 @@ def test_a_module_called_several_times_runs_on_the_integer_kernel_at_every_call(
     assert np.abs(out - reference).mean() < 5e-4
 
 
+def test_grouped_convs_run_dense_with_the_same_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantized_tiny("carn-m")  # its residual units and upsamplers use groups=4
+    export_onnx(model, tmp_path / "dense.onnx")
+    graph = onnx.load(tmp_path / "dense.onnx").graph
+    weights = {init.name: init for init in graph.initializer}
+    assert list(weights["b1_b1_body_0_w_int"].dims)[1] == 8  # all 8 input channels: was 2 per group in 4 groups
+    assert all(a.i == 1 for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group")
+    monkeypatch.setattr("srquant.deploy.onnx_export.DENSE_MAX_GROUPS", 1)
+    export_onnx(model, tmp_path / "grouped.onnx")
+    x = smooth_batches(1, 20)[0].numpy()
+    dense = ort_session(tmp_path / "dense.onnx", 1).run(None, {"lr": x})[0]
+    grouped = ort_session(tmp_path / "grouped.onnx", 1).run(None, {"lr": x})[0]
+    np.testing.assert_array_equal(dense, grouped)  # the zero blocks add nothing
+
+
 def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:
     model = quantized_tiny()
     export_float_onnx(model, tmp_path / "f.onnx")

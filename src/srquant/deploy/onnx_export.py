@@ -6,9 +6,14 @@ activation bounds (uint8), its weight becomes an int8 initializer with per-outpu
 DequantizeLinear, its bias an int32 initializer (scale = input scale x weight scale), and its output gets a
 Q/DQ pair. onnxruntime folds each `DQ -> Conv -> Q` group into QLinearConv (its QDQ rules require all three).
 
-A conv output's DequantizeLinear is moved past the DepthToSpace and ReLU ops that read it, so those run on
-uint8 (ReLU as Max with the zero point): exact on the grid, with a quarter of the memory traffic (CARN-M's HR
-pixel shuffles; docs/deploy.md).
+Glue quantizers (`QuantSpec.glue_bits`: tensors between layers) are traced as Q/DQ pairs, so onnxruntime
+also runs the activations, concatenations, sums and gates between the convs on uint8 kernels.
+
+Exact rewrites follow. A DequantizeLinear is moved past the DepthToSpace, Split, nearest Resize and ReLU
+ops that read it, so those run on uint8 (ReLU as Max with the zero point). A conv with fewer than 16 outputs
+gets zero channels up to 16 and a uint8 Slice after it (onnxruntime's int8 kernel is much slower for 3
+outputs); a conv with up to 4 groups runs as a dense conv with zero blocks (also faster in int8). A conv
+module called several times (a shared unit) is rewritten at every call (docs/deploy.md).
 
 Output grids: a model quantized with `output_bits=8` simulates these output roundings, and its output
 quantizers give the grids, so the integer graph computes what the fake-quant model computes (up to the
@@ -191,10 +196,8 @@ class _glue_as_qdq:
         self.saved: tuple[tuple[str, nn.Module], ...] = ()
 
     def _swap(self, name: str, module: nn.Module) -> nn.Module:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        old = getattr(parent, leaf)
-        setattr(parent, leaf, module)
+        old = self.model.get_submodule(name)
+        self.model.set_submodule(name, module)
         return old
 
     def __enter__(self) -> None:
@@ -385,8 +388,9 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
 
     Conv inputs and weights first, so that output grids can be read off the readers; then the outputs: the
     simulated output quantizer's grid when the model has one; else the image grid (1/255) for the conv that
-    makes the SR image; else the readers' shared input grid; else the calibrated range. Then each output's
-    DequantizeLinear is moved past the ReLU / DepthToSpace ops it feeds.
+    makes the SR image; else the readers' shared input grid; else the calibrated range. A module called several
+    times gets its Q/DQ groups at every call (one weight initializer). Then narrow convs are widened and
+    DequantizeLinear nodes are moved past the ops that commute with them.
     """
     graph = onnx_model.graph
     by_weight: dict[str, list] = {}  # a module called several times (CARN-M's shared unit) has one node per call
@@ -413,13 +417,16 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
             if not p.weight_exact:
                 report.regridded_weights.append(name)
             base = name.replace(".", "_")
-            weight = _int_initializer_dq(graph, p.weight_codes, p.weight_scales, f"{base}_w")
+            codes = _dense_codes(p.weight_codes, _groups(node))
+            weight = _int_initializer_dq(graph, codes, p.weight_scales, f"{base}_w")
             bias = None
             if len(node.input) > 2 and node.input[2]:
                 bias_scale = (p.input_scale * p.weight_scales.astype(np.float64)).astype(np.float32)
                 bias_codes = np.round(p.bias.astype(np.float64) / bias_scale).astype(np.int32)
                 bias = _int_initializer_dq(graph, bias_codes, bias_scale, f"{base}_b")
             weights[name] = (weight, bias)
+        if _groups(node) <= DENSE_MAX_GROUPS:
+            _set_groups(node, 1)  # its weight is the dense, block-diagonal one
         node.input[1] = weights[name][0]
         if weights[name][1] is not None:
             node.input[2] = weights[name][1]
@@ -438,7 +445,7 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
             grid = _grid(*ranges[name])
             report.calibrated_outputs.append(name)
         _quantize_output(graph, node, *grid, f"{tag}_out")
-    report.widened_convs = _widen_narrow_convs(graph, list(params))
+    report.widened_convs = _widen_narrow_convs(graph, calls)
     report.sunk_dequantize = _sink_dequantize(graph)
     _sort_topologically(graph)
     unused = used - {t for node in graph.node for t in node.input}
@@ -447,55 +454,72 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
     graph.initializer.extend(keep)
 
 
+DENSE_MAX_GROUPS = 4  # grouped convs up to this many groups run as dense convs with zero blocks
+
+
+def _groups(node) -> int:  # noqa: ANN001 - onnx NodeProto
+    """The `group` attribute of a Conv node (1 when absent)."""
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _set_groups(node, groups: int) -> None:  # noqa: ANN001 - onnx NodeProto
+    """Set a Conv node's `group` attribute."""
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != "group"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("group", groups)])
+
+
+def _dense_codes(codes: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped conv's int8 weight as the equivalent dense one: each group's block on the diagonal, zeros
+    elsewhere. onnxruntime's int8 kernel ran a dense 64 -> 64 conv faster than the same conv in 4 groups
+    (benchmarks/export_microbench.py), though the dense one has 4x the multiply-adds; the result is exact."""
+    if groups == 1 or groups > DENSE_MAX_GROUPS:
+        return codes
+    out, per_group = codes.shape[0], codes.shape[1]
+    dense = np.zeros((out, per_group * groups, *codes.shape[2:]), dtype=codes.dtype)
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows : (g + 1) * rows, g * per_group : (g + 1) * per_group] = codes[g * rows : (g + 1) * rows]
+    return dense
+
+
 WIDE_CONV_CHANNELS = 16  # onnxruntime's QLinearConv: 64 -> 16 channels took 58 ms where 64 -> 3 took 102 ms
 
 
-def _widen_narrow_convs(graph, names: Sequence[str]) -> list[str]:  # noqa: ANN001 - onnx GraphProto
-    """Give each ungrouped quantized conv with fewer than 16 outputs zero weights up to 16, and slice the uint8
-    output back to its channels: the same values, on a faster integer kernel (the 3-channel convs that make
-    the SR image). Returns the widened convs."""
+def _widen_narrow_convs(graph, calls: Sequence[tuple[str, object, str]]) -> list[str]:  # noqa: ANN001 - onnx GraphProto
+    """Give each ungrouped quantized conv with fewer than 16 outputs zero weights up to 16, and slice each call's
+    uint8 output back to its channels: the same values, on a faster integer kernel (the 3-channel convs that
+    make the SR image). `calls` are `_rewrite`'s (module name, Conv node, tag) triples. Returns the widened."""
     from onnx import helper, numpy_helper
 
     inits = {init.name: init for init in graph.initializer}
-    nodes = {node.name: node for node in graph.node}
+    dequantizers = {node.name: node for node in graph.node if node.op_type == "DequantizeLinear"}
+    by_module: dict[str, list[tuple[object, str]]] = {}
+    for name, node, tag in calls:
+        by_module.setdefault(name, []).append((node, tag))
     widened = []
-    for name in names:
-        tag = name.replace(".", "_")
-        convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] == f"{tag}_w_dq"]
-        out = numpy_helper.to_array(inits[f"{tag}_w_int"]).shape[0]
-        groups = next((a.i for a in convs[0].attribute if a.name == "group"), 1) if convs else 0
-        if out >= WIDE_CONV_CHANNELS or groups != 1:
-            continue
-        output_qs = [f"{tag}{f'_call{k}' if k else ''}_out_Q" for k in range(len(convs))]
-        if not all(q in nodes for q in output_qs):
+    for name, module_calls in by_module.items():
+        base = name.replace(".", "_")
+        out = numpy_helper.to_array(inits[f"{base}_w_int"]).shape[0]
+        if out >= WIDE_CONV_CHANNELS or _groups(module_calls[0][0]) != 1:
             continue
         extra = WIDE_CONV_CHANNELS - out
-
-        def padded(key: str, zero: bool, inits: dict = inits, extra: int = extra) -> None:
-            """Append `extra` rows: zeros, or copies of the last row (scales stay consistent: bias = in x w)."""
-            array = numpy_helper.to_array(inits[key])
-            fill = np.zeros_like(array[:1]) if zero else array[-1:]
-            rows = np.concatenate([array, np.repeat(fill, extra, axis=0)])
-            inits[key].CopyFrom(numpy_helper.from_array(rows, key))
-
-        for part in ("w", "b") if f"{tag}_b_int" in inits else ("w",):
-            padded(f"{tag}_{part}_int", zero=True)
-            padded(f"{tag}_{part}_scale", zero=False)
-            padded(f"{tag}_{part}_zero_point", zero=True)
+        for part in ("w", "b") if f"{base}_b_int" in inits else ("w",):
+            for key, zero in (("int", True), ("scale", False), ("zero_point", True)):
+                init = inits[f"{base}_{part}_{key}"]
+                array = numpy_helper.to_array(init)
+                fill = np.zeros_like(array[:1]) if zero else array[-1:]  # scales copied: bias = input x weight
+                init.CopyFrom(numpy_helper.from_array(np.concatenate([array, np.repeat(fill, extra, 0)]), init.name))
         for key, value in (("starts", 0), ("ends", out), ("axes", 1)):
-            graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"{tag}_slice_{key}"))
-        for q_name in output_qs:
-            quantized = nodes[q_name].output[0]
-            sliced = f"{quantized}_sliced"
-            slicer = helper.make_node(
-                "Slice",
-                [quantized, f"{tag}_slice_starts", f"{tag}_slice_ends", f"{tag}_slice_axes"],
-                [sliced],
-                name=f"{q_name}_slice",
-            )
-            for node in graph.node:
-                node.input[:] = [sliced if t == quantized else t for t in node.input]
-            graph.node.append(slicer)
+            graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"{base}_slice_{key}"))
+        for _, tag in module_calls:
+            dq = dequantizers[f"{tag}_out_DQ"]  # the only reader of the output's QuantizeLinear
+            sliced = f"{dq.input[0]}_sliced"
+            slices = [f"{base}_slice_{key}" for key in ("starts", "ends", "axes")]
+            graph.node.append(helper.make_node("Slice", [dq.input[0], *slices], [sliced], name=f"{tag}_out_slice"))
+            dq.input[0] = sliced
         widened.append(name)
     return widened
 

@@ -1,0 +1,235 @@
+"""The onnxruntime measurements behind srquant's export rewrites (docs/deploy.md), on single ops and whole graphs.
+
+    python benchmarks/export_microbench.py --assets ../shared/assets [--threads 2] [--runs 10]
+
+- `QLinearConv` with 64 inputs and 3, 4, 8 or 16 outputs at 1024x1024: why narrow convs are widened to 16.
+- Two 64 -> 64 3x3 `QLinearConv` at 256x256, groups 4 against dense: whether densifying grouped convs helps.
+- uint8 nearest x2 upsampling of 24 channels, `Resize` against `Concat` + `DepthToSpace` (same values).
+- Whole integer graphs with each rewrite on and off, side by side in one process, with a check that the
+  outputs are equal: widening (CARN-M conv only, PAN with integer glue) and densifying grouped convs (CARN-M
+  with integer glue); the deployable W8A8 recipe of `speed_table.py`.
+- CARN-M's FP32 graph as exported against the same graph with dense weights: densifying is not a way to a
+  faster FP32 baseline.
+Run it on an idle machine: the numbers are wall-clock medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, header, load_json, update_json
+from speed_table import quantize_w8a8
+
+from srquant import api
+from srquant.deploy import onnx_export
+from srquant.deploy.ort_runtime import ort_session
+from srquant.deploy.speed import median_latencies
+
+OUT = RESULTS / "export_microbench.json"
+
+
+def _session(nodes: list, inputs: list, initializers: list, threads: int):  # noqa: ANN202 - onnxruntime session
+    """An onnxruntime session for a one-off graph with uint8 input `x` and output `y`."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    output = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+    graph = helper.make_graph(nodes, "microbench", inputs, [output], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _qconv_initializers(out_channels: int, in_per_group: int) -> list:
+    """Random int8 weights and fixed uint8 grids for a 3x3 QLinearConv."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.integers(-127, 128, (out_channels, in_per_group, 3, 3)).astype(np.int8),
+        "x_scale": np.array(0.02, np.float32),
+        "x_zero": np.array(128, np.uint8),
+        "w_scale": np.full(out_channels, 0.001, np.float32),
+        "w_zero": np.zeros(out_channels, np.int8),
+        "y_scale": np.array(0.05, np.float32),
+        "y_zero": np.array(128, np.uint8),
+    }
+    return [numpy_helper.from_array(value, key) for key, value in arrays.items()]
+
+
+def _qconv(source: str, target: str, groups: int = 1):  # noqa: ANN202 - onnx NodeProto
+    """A 3x3 'same' QLinearConv node reading the grids of `_qconv_initializers`."""
+    from onnx import helper
+
+    grids = ["x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"]
+    return helper.make_node("QLinearConv", [source, *grids], [target], pads=[1, 1, 1, 1], group=groups)
+
+
+def _uint8_input(channels: int, size: int):  # noqa: ANN202 - onnx ValueInfoProto
+    """The graph input `x`: uint8, [1, channels, size, size]."""
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info("x", TensorProto.UINT8, [1, channels, size, size])
+
+
+def _timed(session, x: np.ndarray) -> Callable[[], object]:  # noqa: ANN001
+    """A runner for `median_latencies`, after one warm-up run."""
+    session.run(None, {"x": x})
+    return lambda: session.run(None, {"x": x})
+
+
+def conv_widths(threads: int, runs: int) -> dict[str, float]:
+    """Median ms of one 64 -> M QLinearConv at 1024x1024 for several M."""
+    x = np.random.default_rng(1).integers(0, 256, (1, 64, 1024, 1024), dtype=np.uint8)
+    runners = {}
+    for width in (3, 4, 8, 16):
+        session = _session([_qconv("x", "y")], [_uint8_input(64, 1024)], _qconv_initializers(width, 64), threads)
+        runners[f"64->{width}"] = _timed(session, x)
+    return median_latencies(runners, runs)
+
+
+def grouped_vs_dense(threads: int, runs: int) -> dict[str, float]:
+    """Median ms of two chained 64 -> 64 QLinearConv at 256x256, grouped (4) and dense."""
+    x = np.random.default_rng(1).integers(0, 256, (1, 64, 256, 256), dtype=np.uint8)
+    runners = {}
+    for groups in (4, 1):
+        nodes = [_qconv("x", "mid", groups), _qconv("mid", "y", groups)]
+        session = _session(nodes, [_uint8_input(64, 256)], _qconv_initializers(64, 64 // groups), threads)
+        runners[f"groups={groups}"] = _timed(session, x)
+    return median_latencies(runners, runs)
+
+
+def uint8_upsample(threads: int, runs: int) -> dict[str, float]:
+    """Median ms of a uint8 nearest x2 upsampling, Resize against Concat + DepthToSpace; checks they agree."""
+    from onnx import helper, numpy_helper
+
+    result = {}
+    for size in (256, 512):
+        x = np.random.default_rng(1).integers(0, 256, (1, 24, size, size), dtype=np.uint8)
+        scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+        resize = _session(
+            [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest")],
+            [_uint8_input(24, size)],
+            [scales],
+            threads,
+        )
+        shuffle = _session(
+            [
+                helper.make_node("Concat", ["x"] * 4, ["tiled"], axis=1),
+                helper.make_node("DepthToSpace", ["tiled"], ["y"], blocksize=2, mode="DCR"),
+            ],
+            [_uint8_input(24, size)],
+            [],
+            threads,
+        )
+        if not np.array_equal(resize.run(None, {"x": x})[0], shuffle.run(None, {"x": x})[0]):
+            raise AssertionError("Concat + DepthToSpace is not a nearest upsampling")
+        timings = median_latencies({"resize": _timed(resize, x), "d2s": _timed(shuffle, x)}, runs)
+        result |= {f"24x{size}x{size} {key}": value for key, value in timings.items()}
+    return result
+
+
+def _side_by_side(paths: dict[str, Path], threads: int, runs: int) -> dict[str, float]:
+    """Median ms of whole graphs on one LR 256x256 input, interleaved; their outputs must be equal."""
+    x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    sessions = {key: ort_session(path, threads) for key, path in paths.items()}
+    outputs = [session.run(None, {"lr": x})[0] for session in sessions.values()]
+    if not all(np.array_equal(outputs[0], out) for out in outputs[1:]):
+        raise AssertionError(f"the graphs {list(paths)} compute different outputs")
+    return median_latencies({key: lambda s=s: s.run(None, {"lr": x}) for key, s in sessions.items()}, runs)
+
+
+def rewrite_on_and_off(name: str, glue: bool, rewrite: str, assets: str, threads: int, runs: int) -> dict[str, float]:
+    """Whole integer graph with the export's narrow-conv widening or grouped-conv densifying, and without."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model, _, _ = api.load_quantized_model(quantize_w8a8(name, assets, folder, glue))
+        onnx_export.export_onnx(model, folder / "on.onnx")
+        saved = (onnx_export._widen_narrow_convs, onnx_export.DENSE_MAX_GROUPS)
+        if rewrite == "widen":
+            onnx_export._widen_narrow_convs = lambda graph, calls: []  # the same export without the rewrite
+        else:
+            onnx_export.DENSE_MAX_GROUPS = 1
+        try:
+            onnx_export.export_onnx(model, folder / "off.onnx")
+        finally:
+            onnx_export._widen_narrow_convs, onnx_export.DENSE_MAX_GROUPS = saved
+        timings = _side_by_side({"on": folder / "on.onnx", "off": folder / "off.onnx"}, threads, runs)
+        return {f"{rewrite} {key}": value for key, value in timings.items()}
+
+
+def float_densified(name: str, assets: str, threads: int, runs: int) -> dict[str, float]:
+    """The FP32 graph as exported (grouped convs) against the same graph with dense block-diagonal weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        onnx_export.export_float_onnx(api.load_model(name, 4, assets), folder / "grouped.onnx")
+        graph_model = onnx.load(folder / "grouped.onnx")
+        inits = {init.name: init for init in graph_model.graph.initializer}
+        done: set[str] = set()
+        for node in graph_model.graph.node:
+            groups = onnx_export._groups(node) if node.op_type == "Conv" else 1
+            if 1 < groups <= onnx_export.DENSE_MAX_GROUPS:
+                if node.input[1] not in done:  # a shared unit's weight is read by several nodes
+                    dense = onnx_export._dense_codes(numpy_helper.to_array(inits[node.input[1]]), groups)
+                    inits[node.input[1]].CopyFrom(numpy_helper.from_array(dense, node.input[1]))
+                    done.add(node.input[1])
+                onnx_export._set_groups(node, 1)
+        onnx.save(graph_model, folder / "dense.onnx")
+        paths = {"fp32 grouped": folder / "grouped.onnx", "fp32 dense": folder / "dense.onnx"}
+        return _side_by_side(paths, threads, runs)
+
+
+def table() -> str:
+    """The markdown results."""
+    data = load_json(OUT)
+    produced_by = "python benchmarks/export_microbench.py --assets ../shared/assets --threads 2 --runs 10"
+    lines = [header("onnxruntime measurements behind the export rewrites", produced_by), ""]
+    for key, cell in data.items():
+        lines += [f"## {key}", "", "| setting | ms |", "|---|---|"]
+        lines += [f"| {setting} | {ms:.1f} |" for setting, ms in cell.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    cells = {
+        "QLinearConv 64 -> M at 1024x1024": lambda: conv_widths(args.threads, args.runs),
+        "two 64 -> 64 QLinearConv at 256x256": lambda: grouped_vs_dense(args.threads, args.runs),
+        "uint8 nearest x2 upsampling": lambda: uint8_upsample(args.threads, args.runs),
+        "carn-m conv only, whole graph, widening": lambda: rewrite_on_and_off(
+            "carn-m", False, "widen", args.assets, args.threads, args.runs
+        ),
+        "pan + integer glue, whole graph, widening": lambda: rewrite_on_and_off(
+            "pan", True, "widen", args.assets, args.threads, args.runs
+        ),
+        "carn-m + integer glue, whole graph, densifying": lambda: rewrite_on_and_off(
+            "carn-m", True, "dense", args.assets, args.threads, args.runs
+        ),
+        "carn-m FP32 graph, grouped against dense": lambda: float_densified(
+            "carn-m", args.assets, args.threads, args.runs
+        ),
+    }
+    for key, measure in cells.items():
+        cell = measure()
+        update_json(OUT, key, cell)
+        print(key, {k: round(v, 1) for k, v in cell.items()}, flush=True)
+    text = table()
+    (RESULTS / "export_microbench.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
