@@ -111,7 +111,11 @@ def run(name: str, assets: str, method: str, released: bool, summary: bool) -> N
 def table() -> str:
     """The markdown results, one section per network and calibration method."""
     data = load_json(OUT)
-    produced_by = "python benchmarks/glue_ablation.py --assets ../shared/assets"
+    produced_by = (
+        "python benchmarks/glue_ablation.py --assets ../shared/assets --pan-released-order`, then the same with "
+        "`--models imdn,pan --method dobi --summary` and `--models imdn,pan --method percentile --summary "
+        "--pan-released-order"
+    )
     lines = [header("Integer glue: Set5 PSNR by quantized group (W8A8 full, fake-quant)", produced_by), ""]
     sections: dict[tuple[str, str], list[tuple[str, dict]]] = {}
     for key, cell in data.items():
