@@ -10,6 +10,9 @@
   with integer glue); the deployable W8A8 recipe of `speed_table.py`.
 - CARN-M's FP32 graph as exported against the same graph with dense weights: densifying is not a way to a
   faster FP32 baseline.
+- CARN-M's 4-group upsampling conv as one conv per group, and the whole integer graph with the layout rewrites
+  (grouped convs as branches, channels-last pixel shuffles) on and off; CARN-M's FP32 graph with the same
+  rewrites, the candidates for the FP32 baseline.
 Run it on an idle machine: the numbers are wall-clock medians.
 """
 
@@ -27,7 +30,7 @@ from speed_table import quantize_w8a8
 from srquant import api
 from srquant.deploy import onnx_export
 from srquant.deploy.ort_runtime import ort_session
-from srquant.deploy.speed import median_latencies
+from srquant.deploy.speed import fp32_graphs, median_latencies
 
 OUT = RESULTS / "export_microbench.json"
 
@@ -145,22 +148,61 @@ def _side_by_side(paths: dict[str, Path], threads: int, runs: int) -> dict[str, 
 
 
 def rewrite_on_and_off(name: str, glue: bool, rewrite: str, assets: str, threads: int, runs: int) -> dict[str, float]:
-    """Whole integer graph with the export's narrow-conv widening or grouped-conv densifying, and without."""
+    """Whole integer graph with one export rewrite and without: narrow-conv widening (`widen`), grouped-conv
+    densifying (`dense`, compared without the layout rewrites, which split CARN-M's grouped convs instead) or
+    the layout rewrites (`layout`: grouped convs as branches, channels-last pixel shuffles)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model, _, _ = api.load_quantized_model(quantize_w8a8(name, assets, folder, glue))
-        onnx_export.export_onnx(model, folder / "on.onnx")
+        layout = rewrite == "widen"
+        onnx_export.export_onnx(model, folder / "on.onnx", layout_rewrites=layout or rewrite == "layout")
         saved = (onnx_export._widen_narrow_convs, onnx_export.DENSE_MAX_GROUPS)
         if rewrite == "widen":
             onnx_export._widen_narrow_convs = lambda graph, calls: []  # the same export without the rewrite
-        else:
+        elif rewrite == "dense":
             onnx_export.DENSE_MAX_GROUPS = 1
         try:
-            onnx_export.export_onnx(model, folder / "off.onnx")
+            onnx_export.export_onnx(model, folder / "off.onnx", layout_rewrites=layout)
         finally:
             onnx_export._widen_narrow_convs, onnx_export.DENSE_MAX_GROUPS = saved
         timings = _side_by_side({"on": folder / "on.onnx", "off": folder / "off.onnx"}, threads, runs)
         return {f"{rewrite} {key}": value for key, value in timings.items()}
+
+
+def float_layouts(name: str, assets: str, threads: int, runs: int) -> dict[str, float]:
+    """The FP32 graph as exported against the same graph with the layout rewrites (groups of at least 16 or 32
+    outputs split), each at onnxruntime's two levels: the candidates for the FP32 baseline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = api.load_model(name, 4, assets)
+        graphs = fp32_graphs(model, folder, None)
+        x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+        sessions = {
+            f"{kind}:{level}": ort_session(path, threads, level)
+            for kind, (path, levels) in graphs.items()
+            for level in levels
+        }
+        outputs = [session.run(None, {"lr": x})[0] for session in sessions.values()]
+        if not all(np.allclose(outputs[0], out, atol=1e-4) for out in outputs[1:]):
+            raise AssertionError(f"the FP32 graphs {list(sessions)} compute different images")
+        return median_latencies({key: lambda s=s: s.run(None, {"lr": x}) for key, s in sessions.items()}, runs)
+
+
+def grouped_as_branches(threads: int, runs: int) -> dict[str, float]:
+    """Median ms of one 3x3 QLinearConv 64 -> 256 in 4 groups at 512x512 (CARN-M's second upsampling conv):
+    grouped, dense with zero blocks, and as one 16 -> 64 conv per group on a split input, concatenated."""
+    from onnx import helper
+
+    x = np.random.default_rng(1).integers(0, 256, (1, 64, 512, 512), dtype=np.uint8)
+    inputs = [_uint8_input(64, 512)]
+    grouped = _session([_qconv("x", "y", 4)], inputs, _qconv_initializers(256, 16), threads)
+    dense = _session([_qconv("x", "y")], inputs, _qconv_initializers(256, 64), threads)
+    split = [helper.make_node("Split", ["x"], [f"x{g}" for g in range(4)], axis=1)]
+    convs = [_qconv(f"x{g}", f"y{g}") for g in range(4)]  # the same random weights in each branch: timing only
+    concat = [helper.make_node("Concat", [f"y{g}" for g in range(4)], ["y"], axis=1)]
+    branches = _session(split + convs + concat, inputs, _qconv_initializers(64, 16), threads)
+    runners = {"grouped": _timed(grouped, x), "dense": _timed(dense, x), "branches": _timed(branches, x)}
+    return median_latencies(runners, runs)
 
 
 def float_densified(name: str, assets: str, threads: int, runs: int) -> dict[str, float]:
@@ -204,6 +246,7 @@ def main() -> None:
     parser.add_argument("--assets", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--only", default=None, help="semicolon-separated cell titles to run (default: all)")
     args = parser.parse_args()
     cells = {
         "QLinearConv 64 -> M at 1024x1024": lambda: conv_widths(args.threads, args.runs),
@@ -221,8 +264,18 @@ def main() -> None:
         "carn-m FP32 graph, grouped against dense": lambda: float_densified(
             "carn-m", args.assets, args.threads, args.runs
         ),
+        "QLinearConv 64 -> 256 in 4 groups at 512x512": lambda: grouped_as_branches(args.threads, args.runs),
+        "carn-m + integer glue, whole graph, layout rewrites": lambda: rewrite_on_and_off(
+            "carn-m", True, "layout", args.assets, args.threads, args.runs
+        ),
+        "carn-m FP32 graphs (baseline candidates)": lambda: float_layouts(
+            "carn-m", args.assets, args.threads, args.runs
+        ),
     }
+    chosen = set(args.only.split(";")) if args.only else set(cells)
     for key, measure in cells.items():
+        if key not in chosen:
+            continue
         cell = measure()
         update_json(OUT, key, cell)
         print(key, {k: round(v, 1) for k, v in cell.items()}, flush=True)

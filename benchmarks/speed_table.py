@@ -29,13 +29,13 @@ import torch
 from common import RESULTS, header, load_json, update_json
 
 from srquant import api
-from srquant.deploy.onnx_export import export_float_onnx, export_onnx
-from srquant.deploy.speed import parse_size
+from srquant.deploy.onnx_export import export_onnx
+from srquant.deploy.speed import fp32_graphs, parse_size
 from srquant.errors import SrquantError
 from srquant.methods.pipeline import quantize_model
 from srquant.models.registry import build_model, get_entry
 from srquant.quant.checkpoint import save_quantized
-from srquant.quant.quantize import GLUE_HOOK_SUFFIX
+from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS
 from srquant.quant.spec import QuantSpec
 
 SCALE = 4
@@ -44,20 +44,28 @@ TRANSFORMERS = ("eswt", "lmlt-tiny")
 OUT = RESULTS / "speed_cpu.json"
 
 
-RECIPES = {"speed": "conv only", "speed-glue": "+ integer glue"}  # cell prefix -> row label
+RECIPES = {"speed": "layers only", "speed-glue": "+ integer glue", "speed-matmul": "+ attention matmuls"}
+"""Cell prefix -> row label: convs / linear layers only; with the tensors between them (CNNs with glue taps);
+with the attention matmuls' operands (transformers)."""
 
 
-def has_glue_hooks(name: str) -> bool:
-    """True if the architecture marks tensors between its layers for quantization (`*_glue` taps)."""
-    return any(n.endswith(GLUE_HOOK_SUFFIX) for n, _ in build_model(name, SCALE, tiny=True).named_modules())
+def has_hooks(name: str, prefix: str) -> bool:
+    """True if the architecture has the taps a recipe quantizes: `*_glue` tensors, or attention-matmul hooks."""
+    names = [n for n, _ in build_model(name, SCALE, tiny=True).named_modules()]
+    if prefix == "speed-glue":
+        return any(n.endswith(GLUE_HOOK_SUFFIX) for n in names)
+    if prefix == "speed-matmul":
+        return any(n.rpartition(".")[2] in MATMUL_HOOKS for n in names)
+    return True
 
 
-def quantize_w8a8(name: str, assets: str, folder: Path, glue: bool = False) -> Path:
-    """The deployable W8A8 recipe: full, MinMax, symmetric weights, simulated integer outputs, float matmuls;
-    with `glue`, the tensors between layers are quantized too (`--glue-bits 8`)."""
+def quantize_w8a8(name: str, assets: str, folder: Path, glue: bool = False, matmul: bool = False) -> Path:
+    """The deployable W8A8 recipe: full, MinMax, symmetric weights, simulated integer outputs; with `glue`, the
+    tensors between layers are quantized too (`--glue-bits 8`); with `matmul`, the attention matmuls' operands
+    (float matmuls otherwise, `--no-matmul`)."""
     model = api.load_model(name, SCALE, assets)
     spec = QuantSpec(
-        8, 8, full=True, weight_quantizer="symmetric", output_bits=8, glue_bits=8 if glue else None, matmul=False
+        8, 8, full=True, weight_quantizer="symmetric", output_bits=8, glue_bits=8 if glue else None, matmul=matmul
     )
     root = Path(assets)
     result = quantize_model(
@@ -68,7 +76,7 @@ def quantize_w8a8(name: str, assets: str, folder: Path, glue: bool = False) -> P
         root / "calibration" / "train291",
         datasets_root=root / "datasets",
     )
-    path = folder / f"{name}_w8a8{'_glue' if glue else ''}.pt"
+    path = folder / f"{name}_w8a8{'_glue' if glue else ''}{'_matmul' if matmul else ''}.pt"
     save_quantized(model, path, name, result.spec, {"method": "minmax", "calib_seconds": result.calib_seconds})
     return path
 
@@ -77,11 +85,10 @@ def run_speed(names: list[str], args: argparse.Namespace, folder: Path) -> None:
     """bench-speed for each network and recipe; one JSON cell each (`speed|NAME`, `speed-glue|NAME`)."""
     for name in names:
         for prefix in RECIPES:
-            glue = prefix == "speed-glue"
-            if glue and not has_glue_hooks(name):
+            if not has_hooks(name, prefix):
                 continue
             start = time.perf_counter()
-            path = quantize_w8a8(name, args.assets, folder, glue)
+            path = quantize_w8a8(name, args.assets, folder, prefix == "speed-glue", prefix == "speed-matmul")
             try:
                 report = api.bench_speed(path, args.size, args.threads, args.runs, args.assets)
             except SrquantError as err:  # recorded: what the export cannot do yet is part of the result
@@ -147,20 +154,23 @@ def run_profile(names: list[str], args: argparse.Namespace, folder: Path) -> Non
     """Where the time goes in the integer and float graphs of each network (and its integer-glue graph)."""
     for name in names:
         for prefix in RECIPES:
-            glue = prefix == "speed-glue"
-            if glue and not has_glue_hooks(name):
+            if not has_hooks(name, prefix):
                 continue
-            model, _, _ = api.load_quantized_model(quantize_w8a8(name, args.assets, folder, glue))
+            glue = prefix == "speed-glue"
+            recipe = quantize_w8a8(name, args.assets, folder, glue, prefix == "speed-matmul")
+            model, _, _ = api.load_quantized_model(recipe)
             fixed = int(getattr(model, "pad_multiple", 1)) != 1
             try:
                 export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None)
             except SrquantError as err:
                 print(f"{name}: no profile, not exported: {err}", flush=True)
                 continue
-            export_float_onnx(model, folder / f"{name}_fp32.onnx", args.size if fixed else None)
-            kinds = ("int",) if glue else ("int", "fp32")  # the float graph is the same for both recipes
-            cell = {kind: op_profile(folder / f"{name}_{kind}.onnx", args.size, args.threads or 2) for kind in kinds}
-            key = f"profile-glue|{name}" if glue else f"profile|{name}"
+            paths = {"int": folder / f"{name}_int.onnx"}
+            if prefix == "speed":  # the float graphs are the same for every recipe
+                graphs = fp32_graphs(model, folder, args.size if fixed else None)
+                paths |= {kind: path for kind, (path, _) in graphs.items()}
+            cell = {kind: op_profile(path, args.size, args.threads or 2) for kind, path in paths.items()}
+            key = prefix.replace("speed", "profile") + f"|{name}"
             update_json(OUT, key, cell)
             print(key, {k: round(v) for k, v in list(cell["int"].items())[:6]}, flush=True)
 
@@ -208,17 +218,23 @@ def table() -> str:
     lines.append(
         "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
         "cells (`--table-only`). Timings were taken with every other process on the machine paused. Recipes: "
-        "`conv only` quantizes the convs (`--output-bits 8`); `+ integer glue` also quantizes the tensors between "
+        "`layers only` quantizes the convs and linear layers (`--output-bits 8 --no-matmul`); `+ attention matmuls` "
+        "also their operands (transformers); `+ integer glue` also quantizes the tensors between "
         "them that the architecture marks (`--glue-bits 8`; IMDN, PAN and CARN-M), so onnxruntime stays in uint8 "
         "between its kernels. In the integer graph a DequantizeLinear is moved past the ReLU / DepthToSpace / Split / "
-        "nearest Resize op it feeds (exact; those run on uint8): `ops moved to uint8`.\n"
+        "nearest Resize op it feeds (exact; those run on uint8): `ops moved to uint8`. Layout rewrites (exact, "
+        "docs/deploy.md) run wide grouped convs as one conv per group and pixel shuffles channels-last; the FP32 "
+        "settings are the graph as exported (`fp32`) and the same graph with those rewrites (`fp32-layout16`, "
+        "`fp32-layout32`: groups of at least 16 or 32 outputs split), each at onnxruntime's `extended` and `all` "
+        "levels, and the fastest of them is the baseline.\n"
     )
     lines += [
         "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
         "",
         "| network | recipe | FP32 ms (setting) | int8 ms (setting) | speed-up | peak MB int / fp32 | "
-        "Set5 fake-quant | Set5 integer | difference dB | integer convs | glue tensors | ops moved to uint8 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Set5 fake-quant | Set5 integer | difference dB | integer convs | glue tensors | ops moved to uint8 | "
+        "branched convs / NHWC shuffles |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in CNNS + TRANSFORMERS:
         for prefix, recipe in RECIPES.items():
@@ -226,7 +242,7 @@ def table() -> str:
             if not cell:
                 continue
             if "error" in cell:
-                lines.append(f"| {name} | {recipe} | not exported: {cell['error']} |" + " |" * 9)
+                lines.append(f"| {name} | {recipe} | not exported: {cell['error']} |" + " |" * 10)
                 continue
             export = cell["export"]
             lines.append(
@@ -234,7 +250,8 @@ def table() -> str:
                 f"({cell['int_setting']}) | {cell['speedup']:.2f}x | {cell['peak_mb']:.0f} / "
                 f"{cell['fp32_peak_mb']:.0f} | {cell['psnr_fake']:.3f} | {cell['psnr_int']:.3f} | "
                 f"{cell['psnr_delta_db']:+.4f} | "
-                f"{export['quantized_convs']} | {len(export.get('glue', []))} | {len(export.get('uint8_ops', []))} |"
+                f"{export['quantized_convs']} | {len(export.get('glue', []))} | {len(export.get('uint8_ops', []))} | "
+                f"{len(export.get('branched_convs', []))} / {len(export.get('nhwc_shuffles', []))} |"
             )
     pt2e = data.get("pt2e|imdn")
     if pt2e:
@@ -261,12 +278,14 @@ def table() -> str:
     if profiles:
         lines += ["", "## Where the time goes (ms per operator type, 256x256, top 8)", ""]
         for name in profiles:
+            fp32_kinds = [kind for kind in data.get(f"profile|{name}", {}) if kind.startswith("fp32")]
             for key, kind, label in (
                 (f"profile|{name}", "int", "int"),
                 (f"profile-glue|{name}", "int", "int + glue"),
-                (f"profile|{name}", "fp32", "fp32"),
+                (f"profile-matmul|{name}", "int", "int + matmuls"),
+                *((f"profile|{name}", kind, kind) for kind in fp32_kinds),
             ):
-                if key not in data:
+                if key not in data or kind not in data[key]:
                     continue
                 ranked = sorted(data[key][kind].items(), key=lambda item: -item[1])  # the JSON sorts keys by name
                 top = ", ".join(f"{op} {ms:.0f}" for op, ms in ranked[:8])

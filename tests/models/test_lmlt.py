@@ -57,3 +57,14 @@ def test_full_size_keys_match_checkpoint(assets: Path, scale: int) -> None:
     assert set(state) == set(params)
     assert all(state[k].shape == params[k].shape for k in params)
     model.load_state_dict(params, strict=True)
+
+
+def test_level_pooling_equals_the_original_adaptive_pooling() -> None:
+    # LHSB pools level l by 2^l with a plain max pool (it exports to ONNX); on the padded feature maps, whose
+    # sides divide by 2^(levels-1), that is exactly the original's adaptive pooling to (h / 2^l, w / 2^l).
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 3, 24, 40)
+    for level in (1, 2, 3):
+        size = (24 // 2**level, 40 // 2**level)
+        assert torch.equal(F.max_pool2d(x, 2**level), F.adaptive_max_pool2d(x, size))

@@ -34,9 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from srquant.deploy.layout_rewrites import (
+    BRANCH_MIN_GROUP_OUTPUTS,
+    nhwc_pixel_shuffle,
+    sort_topologically,
+    split_grouped_chains,
+)
 from srquant.errors import SrquantError
 from srquant.quant.modules import is_quantized
-from srquant.quant.quantize import GLUE_HOOK_SUFFIX, fp_mode, quantizers
+from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS, fp_mode
 from srquant.quant.quantizers import AsymmetricQuantizer, Quantizer, QuantMode, SymmetricQuantizer
 
 OPSET = 17
@@ -69,6 +75,8 @@ class ExportReport:
     sunk_dequantize: list[str] = field(default_factory=list)  # ops that now run on uint8 (DequantizeLinear after)
     glue: list[str] = field(default_factory=list)  # quantized tensors between layers, exported as Q/DQ pairs
     widened_convs: list[str] = field(default_factory=list)  # narrow convs run with zero channels added, then sliced
+    branched_convs: list[str] = field(default_factory=list)  # wide grouped convs run as one conv per group
+    nhwc_shuffles: list[str] = field(default_factory=list)  # pixel shuffles written channels-last
     dynamic_axes: bool = True
 
 
@@ -87,7 +95,7 @@ def _input_grid(name: str, q: nn.Module) -> tuple[float, int]:
     return float(step), int(zero)
 
 
-def _weight_grid(name: str, module: nn.Conv2d) -> tuple[np.ndarray, np.ndarray, bool]:
+def _weight_grid(name: str, module: nn.Conv2d | nn.Linear) -> tuple[np.ndarray, np.ndarray, bool]:
     """int8 codes and per-output-channel scales of the fake-quantized weight.
 
     A symmetric quantizer of at most 8 bits maps exactly (codes are its own integers). Other grids (asymmetric
@@ -117,14 +125,15 @@ def _weight_grid(name: str, module: nn.Conv2d) -> tuple[np.ndarray, np.ndarray, 
 
 
 def conv_params(model: nn.Module) -> dict[str, ConvQuantParams]:
-    """Integer parameters of every quantized conv running in QUANT mode; refuses layers that cannot export."""
+    """Integer parameters of every quantized conv or linear layer running in QUANT mode; refuses layers that
+    cannot export."""
     params: dict[str, ConvQuantParams] = {}
     for name, module in model.named_modules():
         if not is_quantized(module):
             continue
-        if not isinstance(module, nn.Conv2d):
+        if not isinstance(module, nn.Conv2d | nn.Linear):
             kind = type(module).__name__
-            raise SrquantError(f"{name}: only quantized Conv2d layers export to ONNX for now, not {kind}")
+            raise SrquantError(f"{name}: only quantized Conv2d and Linear layers export to ONNX, not {kind}")
         if module.input_quantizer.mode is not QuantMode.QUANT or module.weight_quantizer.mode is not QuantMode.QUANT:
             continue
         scale, zero = _input_grid(name, module.input_quantizer)
@@ -135,10 +144,7 @@ def conv_params(model: nn.Module) -> dict[str, ConvQuantParams]:
         output = _input_grid(f"{name}.output_quantizer", out_q) if simulated else None
         params[name] = ConvQuantParams(name, scale, zero, codes, scales, bias, exact, output)
     if not params:
-        raise SrquantError("the model has no quantized conv in QUANT mode: nothing to export")
-    for name, q in quantizers(model):
-        if q.mode is QuantMode.QUANT and name.rpartition(".")[2] in ("q_hook", "k_hook", "v_hook", "attn_hook"):
-            raise SrquantError(f"{name}: quantized attention matmuls are not exported yet; quantize with matmul off")
+        raise SrquantError("the model has no quantized conv or linear layer in QUANT mode: nothing to export")
     return params
 
 
@@ -178,12 +184,15 @@ class _GlueQDQ(nn.Module):
 
 
 def glue_grids(model: nn.Module) -> dict[str, tuple[float, int]]:
-    """uint8 grids of the model's glue quantizers (tensors between layers) that run in QUANT mode."""
+    """uint8 grids of the quantizers on tensors between layers that run in QUANT mode: the glue taps and the
+    attention matmuls' operands (query, key, value, softmax map)."""
     named = model.named_modules(remove_duplicate=False)  # a glue quantizer may also be a layer's input one
     return {
         name: _input_grid(name, q)
         for name, q in named
-        if isinstance(q, Quantizer) and name.endswith(GLUE_HOOK_SUFFIX) and q.mode is QuantMode.QUANT
+        if isinstance(q, Quantizer)
+        and (name.endswith(GLUE_HOOK_SUFFIX) or name.rpartition(".")[2] in MATMUL_HOOKS)
+        and q.mode is QuantMode.QUANT
     }
 
 
@@ -208,14 +217,44 @@ class _glue_as_qdq:
             self._swap(name, module)
 
 
+class _linear_as_gemm:
+    """While the float graph is traced, run the named Linear layers on 2-D views of their input, so each exports
+    as one Gemm node that reads the layer's weight and bias by name (a 3-D input would give a MatMul on a
+    folded, renamed transpose of the weight)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        """`names`: the Linear modules to trace as Gemm."""
+        self.modules = [model.get_submodule(name) for name in names]
+
+    @staticmethod
+    def _as_gemm(module: nn.Linear):  # noqa: ANN205 - a bound forward
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            flat = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+            return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+        return forward
+
+    def __enter__(self) -> None:
+        for module in self.modules:
+            module.forward = self._as_gemm(module)
+
+    def __exit__(self, *exc: object) -> None:
+        for module in self.modules:
+            del module.forward  # the class's forward again
+
+
 def _float_onnx(
-    model: nn.Module, sample: torch.Tensor, dynamic: bool, glue: dict[str, tuple[float, int]] | None = None
+    model: nn.Module,
+    sample: torch.Tensor,
+    dynamic: bool,
+    glue: dict[str, tuple[float, int]] | None = None,
+    linears: Sequence[str] = (),
 ) -> bytes:
-    """The float network (quantizers off, glue quantizers as Q/DQ pairs) as ONNX bytes, with the LR height/width
-    dynamic when allowed."""
+    """The float network (quantizers off, glue quantizers as Q/DQ pairs, the named Linear layers as Gemm) as
+    ONNX bytes, with the LR height/width dynamic when allowed."""
     buffer = io.BytesIO()
     axes = {"lr": {2: "height", 3: "width"}, "sr": {2: "out_height", 3: "out_width"}} if dynamic else None
-    with fp_mode(model), _glue_as_qdq(model, glue or {}), torch.no_grad(), _quiet():
+    with fp_mode(model), _glue_as_qdq(model, glue or {}), _linear_as_gemm(model, linears), torch.no_grad(), _quiet():
         torch.onnx.export(
             model,
             (sample,),
@@ -383,23 +422,27 @@ def _feeds_output_only_by_permutation(graph, tensor: str) -> bool:  # noqa: ANN0
     return True
 
 
-def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, tuple], report: ExportReport) -> None:  # noqa: ANN001
+def _rewrite(  # noqa: ANN001
+    onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, tuple], report: ExportReport, layout: bool
+) -> None:
     """Insert the Q/DQ groups around every quantized conv of the exported float graph (in place).
 
     Conv inputs and weights first, so that output grids can be read off the readers; then the outputs: the
     simulated output quantizer's grid when the model has one; else the image grid (1/255) for the conv that
     makes the SR image; else the readers' shared input grid; else the calibrated range. A module called several
     times gets its Q/DQ groups at every call (one weight initializer). Then narrow convs are widened and
-    DequantizeLinear nodes are moved past the ops that commute with them.
+    DequantizeLinear nodes are moved past the ops that commute with them; with `layout`, wide grouped convs run
+    as one branch per group and pixel shuffles channels-last (`layout_rewrites`).
     """
     graph = onnx_model.graph
     by_weight: dict[str, list] = {}  # a module called several times (CARN-M's shared unit) has one node per call
     for node in graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1:
+        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        if (node.op_type == "Conv" or transposed) and len(node.input) > 1:
             by_weight.setdefault(node.input[1], []).append(node)
     missing = [name for name in params if f"{name}.weight" not in by_weight]
     if missing:
-        raise SrquantError(f"no Conv node reads the weight of {', '.join(missing[:3])} in the exported graph")
+        raise SrquantError(f"no Conv or Gemm node reads the weight of {', '.join(missing[:3])} in the exported graph")
     calls = [
         (name, node, name.replace(".", "_") + (f"_call{k}" if k else ""))
         for name in params
@@ -413,11 +456,12 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
         node.input[0] = _qdq(graph, node.input[0], p.input_scale, p.input_zero_point, f"{tag}_in")
         input_grids[f"{tag}_in_Q"] = (p.input_scale, p.input_zero_point)
         report.convs.append(name)
+        dense = _densify(_groups(node), p.weight_codes.shape[0], layout)
         if name not in weights:
             if not p.weight_exact:
                 report.regridded_weights.append(name)
             base = name.replace(".", "_")
-            codes = _dense_codes(p.weight_codes, _groups(node))
+            codes = _dense_codes(p.weight_codes, _groups(node)) if dense else p.weight_codes
             weight = _int_initializer_dq(graph, codes, p.weight_scales, f"{base}_w")
             bias = None
             if len(node.input) > 2 and node.input[2]:
@@ -425,7 +469,7 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
                 bias_codes = np.round(p.bias.astype(np.float64) / bias_scale).astype(np.int32)
                 bias = _int_initializer_dq(graph, bias_codes, bias_scale, f"{base}_b")
             weights[name] = (weight, bias)
-        if _groups(node) <= DENSE_MAX_GROUPS:
+        if dense:
             _set_groups(node, 1)  # its weight is the dense, block-diagonal one
         node.input[1] = weights[name][0]
         if weights[name][1] is not None:
@@ -447,7 +491,10 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
         _quantize_output(graph, node, *grid, f"{tag}_out")
     report.widened_convs = _widen_narrow_convs(graph, calls)
     report.sunk_dequantize = _sink_dequantize(graph)
-    _sort_topologically(graph)
+    if layout:
+        report.branched_convs = split_grouped_chains(graph)
+        report.nhwc_shuffles = nhwc_pixel_shuffle(graph)
+    sort_topologically(graph)
     unused = used - {t for node in graph.node for t in node.input}
     keep = [init for init in graph.initializer if init.name not in unused]
     del graph.initializer[:]
@@ -455,6 +502,14 @@ def _rewrite(onnx_model, params: dict[str, ConvQuantParams], ranges: dict[str, t
 
 
 DENSE_MAX_GROUPS = 4  # grouped convs up to this many groups run as dense convs with zero blocks
+
+
+def _densify(groups: int, out_channels: int, layout: bool) -> bool:
+    """True for a grouped conv that runs dense: up to 4 groups, and not one that the layout rewrites split into
+    one conv per group (groups of at least `BRANCH_MIN_GROUP_OUTPUTS` outputs)."""
+    if groups == 1 or groups > DENSE_MAX_GROUPS:
+        return False
+    return not (layout and out_channels // groups >= BRANCH_MIN_GROUP_OUTPUTS)
 
 
 def _groups(node) -> int:  # noqa: ANN001 - onnx NodeProto
@@ -503,7 +558,7 @@ def _widen_narrow_convs(graph, calls: Sequence[tuple[str, object, str]]) -> list
     for name, module_calls in by_module.items():
         base = name.replace(".", "_")
         out = numpy_helper.to_array(inits[f"{base}_w_int"]).shape[0]
-        if out >= WIDE_CONV_CHANNELS or _groups(module_calls[0][0]) != 1:
+        if out >= WIDE_CONV_CHANNELS or _groups(module_calls[0][0]) != 1 or module_calls[0][0].op_type != "Conv":
             continue
         extra = WIDE_CONV_CHANNELS - out
         for part in ("w", "b") if f"{base}_b_int" in inits else ("w",):
@@ -524,40 +579,17 @@ def _widen_narrow_convs(graph, calls: Sequence[tuple[str, object, str]]) -> list
     return widened
 
 
-def _sort_topologically(graph) -> None:  # noqa: ANN001
-    """Reorder nodes so every node follows the producers of its inputs (ONNX requires it)."""
-    available = {i.name for i in graph.input} | {init.name for init in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        progressed = []
-        rest = []
-        for node in pending:
-            if all(t in available for t in node.input):
-                progressed.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if not progressed:
-            raise SrquantError(f"cannot order the exported graph: {rest[0].name} has an unknown input")
-        ordered += progressed
-        pending = rest
-    copies = [type(n)() for n in ordered]
-    for copy, node in zip(copies, ordered, strict=True):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     calib_inputs: Sequence[torch.Tensor] | None = None,
     size: tuple[int, int] | None = None,
+    layout_rewrites: bool = True,
 ) -> ExportReport:
     """Write `model` (fixed-bit, A8, weights <= 8 bit) as an integer QDQ ONNX graph; returns what was done.
 
     Networks that pad inside (window transformers) are exported for one LR `size`; the others take any size.
+    `layout_rewrites` (exact) splits wide grouped convs per group and writes pixel shuffles channels-last.
     """
     try:
         import onnx
@@ -578,9 +610,10 @@ def export_onnx(
         )
     ranges = output_ranges(model, need, calib_inputs or [])
     glue = glue_grids(model)
-    onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic, glue))
+    linears = [name for name in params if isinstance(model.get_submodule(name), nn.Linear)]
+    onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic, glue, linears))
     report = ExportReport(dynamic_axes=dynamic, glue=sorted(glue))
-    _rewrite(onnx_model, params, ranges, report)
+    _rewrite(onnx_model, params, ranges, report, layout_rewrites)
     onnx_model.producer_name = "srquant"
     onnx.checker.check_model(onnx_model)
     path = Path(path)
@@ -589,12 +622,32 @@ def export_onnx(
     return report
 
 
-def export_float_onnx(model: nn.Module, path: str | Path, size: tuple[int, int] | None = None) -> Path:
-    """The same network with quantization off, as a plain float ONNX graph (the FP32 baseline)."""
+def export_float_onnx(
+    model: nn.Module,
+    path: str | Path,
+    size: tuple[int, int] | None = None,
+    layout_rewrites: bool = False,
+    branch_min_group_outputs: int | None = None,
+) -> list[str]:
+    """The same network with quantization off, as a plain float ONNX graph (the FP32 baseline). With
+    `layout_rewrites`, the same exact rewrites as the integer graph (grouped convs with at least
+    `branch_min_group_outputs` outputs per group as branches, channels-last pixel shuffles) are applied;
+    returns what they changed (empty when nothing applies)."""
     dynamic = int(getattr(model, "pad_multiple", 1)) == 1
     height, width = size if size is not None else (64, 64)
     sample = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_float_onnx(model.eval(), sample, dynamic))
-    return path
+    data = _float_onnx(model.eval(), sample, dynamic)
+    changed: list[str] = []
+    if layout_rewrites:
+        import onnx
+
+        graph_model = onnx.load_from_string(data)
+        changed = split_grouped_chains(graph_model.graph, branch_min_group_outputs)
+        changed += nhwc_pixel_shuffle(graph_model.graph)
+        sort_topologically(graph_model.graph)
+        onnx.checker.check_model(graph_model)
+        data = graph_model.SerializeToString()
+    path.write_bytes(data)
+    return changed

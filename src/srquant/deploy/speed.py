@@ -26,6 +26,9 @@ from srquant.errors import SrquantError
 
 FP32_LEVELS = ("extended", "all")  # "all" adds onnxruntime's NCHWc layout transforms; the faster one counts
 INT_LEVELS = ("extended", "all")
+FP32_LAYOUTS = {"fp32": None, "fp32-layout16": 16, "fp32-layout32": 32}
+"""FP32 graphs timed: as exported, and with the integer graph's exact layout rewrites (grouped convs with at
+least 16 or 32 outputs per group as one conv per group, channels-last pixel shuffles); the fastest counts."""
 
 _PEAK_SCRIPT = """
 import sys
@@ -130,6 +133,23 @@ class SpeedReport:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
+def fp32_graphs(
+    model: nn.Module, folder: Path, size: tuple[int, int] | None
+) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """The FP32 graphs to time (`FP32_LAYOUTS`), each with its optimisation levels; a rewritten graph is kept
+    only if the rewrites changed something that the previous graphs do not already have."""
+    graphs: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    seen: list[list[str]] = []
+    for kind, branch_min in FP32_LAYOUTS.items():
+        path = folder / f"{kind}.onnx"
+        rewrite = branch_min is not None
+        changed = export_float_onnx(model, path, size, layout_rewrites=rewrite, branch_min_group_outputs=branch_min)
+        if changed not in seen:  # the plain graph changes nothing; a rewrite that changes nothing is the same graph
+            graphs[kind] = (path, FP32_LEVELS)
+            seen.append(changed)
+    return graphs
+
+
 def bench_onnxruntime(
     model: nn.Module,
     size: tuple[int, int],
@@ -146,23 +166,24 @@ def bench_onnxruntime(
     with tempfile.TemporaryDirectory(prefix="srquant-speed-") as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        int_path, float_path = folder / "int.onnx", folder / "fp32.onnx"
+        int_path = folder / "int.onnx"
         fixed = int(getattr(model, "pad_multiple", 1)) != 1
         report: ExportReport = export_onnx(model, int_path, calib_inputs, size if fixed else None)
-        export_float_onnx(model, float_path, size if fixed else None)
+        graphs = {"int": (int_path, INT_LEVELS)} | fp32_graphs(model, folder, size if fixed else None)
         x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
         runners: dict[str, Callable[[], object]] = {}
-        for kind, path, levels in (("fp32", float_path, FP32_LEVELS), ("int", int_path, INT_LEVELS)):
+        for kind, (path, levels) in graphs.items():
             for level in levels:
                 session = ort_session(path, threads, level)
                 name = session.get_inputs()[0].name
                 runners[f"{kind}:{level}"] = lambda s=session, n=name: s.run(None, {n: x})
         timings = median_latencies(runners, runs)
-        fp32_setting = min((k for k in timings if k.startswith("fp32:")), key=timings.__getitem__)
+        fp32_setting = min((k for k in timings if k.startswith("fp32")), key=timings.__getitem__)
         int_setting = min((k for k in timings if k.startswith("int:")), key=timings.__getitem__)
         fp32_ms, int_ms = timings[fp32_setting], timings[int_setting]
         peak = peak_memory_mb(int_path, size, threads, int_setting.split(":")[1])
-        fp32_peak = peak_memory_mb(float_path, size, threads, fp32_setting.split(":")[1])
+        fp32_graph, fp32_level = fp32_setting.split(":")
+        fp32_peak = peak_memory_mb(graphs[fp32_graph][0], size, threads, fp32_level)
         result = SpeedReport(
             backend="onnxruntime",
             size=size,
@@ -181,6 +202,8 @@ def bench_onnxruntime(
                 "uint8_ops": report.sunk_dequantize,
                 "glue": report.glue,
                 "widened_convs": report.widened_convs,
+                "branched_convs": report.branched_convs,
+                "nhwc_shuffles": report.nhwc_shuffles,
                 "regridded_weights": report.regridded_weights,
                 "simulated_outputs": len(report.simulated_outputs),
                 "unsimulated_outputs": report.calibrated_outputs + report.image_outputs + report.shared_outputs,

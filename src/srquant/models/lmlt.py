@@ -90,7 +90,9 @@ class LHSB(nn.Module):
         height, width = x.shape[-2:]
         groups = list(x.chunk(self.n_levels, dim=1))
         for level in range(1, self.n_levels):
-            groups[level] = F.adaptive_max_pool2d(groups[level], (height // 2**level, width // 2**level))
+            # The original's adaptive pooling to (height / 2^level, width / 2^level): the padded input divides
+            # exactly, so it is a plain 2^level max pool (which, unlike adaptive pooling, exports to ONNX).
+            groups[level] = F.max_pool2d(groups[level], 2**level)
 
         outputs = []
         for level in reversed(range(self.n_levels)):

@@ -101,7 +101,8 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
         for name, module in list(model.named_modules()):
             leaf = name.rpartition(".")[2]
             if leaf in MATMUL_HOOKS and isinstance(module, nn.Identity) and not matches(name, spec.keep_fp):
-                quantizer = _act_quantizer(spec.act_quantizer, spec.a_bits, one_sided=leaf == "attn_hook")
+                aligned = spec.output_bits is not None  # integer kernels: the operands' zero points are integers
+                quantizer = _act_quantizer(spec.act_quantizer, spec.a_bits, leaf == "attn_hook", align_zero=aligned)
                 _set_child(model, name, quantizer)
                 report.matmul[name] = spec.a_bits
     if spec.glue_bits is not None:
