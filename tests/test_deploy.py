@@ -81,9 +81,9 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
     graph = onnx.load(tmp_path / "sunk.onnx").graph
     moved = [node for node in graph.node if node.name in report.sunk_dequantize]
     assert {node.op_type for node in moved} == {"Max", "DepthToSpace"}  # ReLU became max(q, zero point)
-    for node in moved:  # each now reads a uint8 tensor and feeds a DequantizeLinear
-        readers = [n.op_type for n in graph.node if node.output[0] in n.input]
-        assert readers in (["DequantizeLinear"], ["Max"], ["DepthToSpace"])
+    for node in moved:  # each now reads a uint8 tensor and feeds a DequantizeLinear (or a uint8 regrid table)
+        readers = {n.op_type for n in graph.node if node.output[0] in n.input}
+        assert readers and readers <= {"DequantizeLinear", "Max", "DepthToSpace", "QLinearLeakyRelu"}
     monkeypatch.setattr("srquant.deploy.onnx_export._sink_dequantize", lambda graph: [])
     export_onnx(model, tmp_path / "plain.onnx", layout_rewrites=False)
     x = smooth_batches(1, 20)[0].numpy()
@@ -172,6 +172,53 @@ def test_grouped_convs_run_dense_with_the_same_output(tmp_path: Path, monkeypatc
     dense = ort_session(tmp_path / "dense.onnx", 1).run(None, {"lr": x})[0]
     grouped = ort_session(tmp_path / "grouped.onnx", 1).run(None, {"lr": x})[0]
     np.testing.assert_array_equal(dense, grouped)  # the zero blocks add nothing
+
+
+def test_grid_conversions_run_as_uint8_tables_with_the_same_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = quantized_tiny("carn-m", glue_bits=8)  # the shared residual unit reads three tensors on one grid
+    report = export_onnx(model, tmp_path / "table.onnx")
+    assert report.uint8_requantize  # the conversions onto that grid
+    ops = optimized_ops(tmp_path / "table.onnx", tmp_path)
+    assert ops.count("QLinearLeakyRelu") == len(report.uint8_requantize)
+    monkeypatch.setattr("srquant.deploy.onnx_export._requantize_in_uint8", lambda graph: [])
+    export_onnx(model, tmp_path / "float.onnx")
+    x = smooth_batches(1, 20)[0].numpy()
+    table = ort_session(tmp_path / "table.onnx", 1).run(None, {"lr": x})[0]
+    plain = ort_session(tmp_path / "float.onnx", 1).run(None, {"lr": x})[0]
+    np.testing.assert_array_equal(table, plain)
+
+
+def test_uint8_table_equals_dequantize_then_quantize_on_every_code() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    codes = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    io = [helper.make_tensor_value_info(n, TensorProto.UINT8, [1, 1, 16, 16]) for n in ("x", "y")]
+    for trial in range(40):
+        source = float(rng.uniform(1e-4, 0.1))
+        target = source * float(rng.choice([0.25, 0.5, 2.0])) if trial % 2 else float(rng.uniform(1e-4, 0.1))
+        grids = {"s": source, "t": target}
+        zeros = {"zs": int(rng.integers(0, 256)), "zt": int(rng.integers(0, 256))}
+        inits = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in grids.items()]
+        inits += [numpy_helper.from_array(np.array(v, np.uint8), k) for k, v in zeros.items()]
+        pair = [
+            helper.make_node("DequantizeLinear", ["x", "s", "zs"], ["f"]),
+            helper.make_node("QuantizeLinear", ["f", "t", "zt"], ["y"]),
+        ]
+        table = [
+            helper.make_node("QLinearLeakyRelu", ["x", "s", "zs", "t", "zt"], ["y"], domain="com.microsoft", alpha=1.0)
+        ]
+        outputs = []
+        for nodes in (pair, table):
+            graph = helper.make_graph(nodes, "regrid", io[:1], io[1:], inits)
+            model = helper.make_model(
+                graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+            )
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            outputs.append(session.run(None, {"x": codes})[0])
+        np.testing.assert_array_equal(*outputs)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -243,7 +243,7 @@ def split_grouped_chains(graph, min_group_outputs: int | None = None) -> list[st
         graph.node.extend(created)
         done += [node.name for node in chain if node.op_type == "Conv"]
         g.refresh()
-    _remove_dead_nodes(graph)
+    remove_dead_nodes(graph)
     return done
 
 
@@ -334,7 +334,7 @@ def nhwc_pixel_shuffle(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
     return done
 
 
-def _remove_dead_nodes(graph) -> None:  # noqa: ANN001 - onnx GraphProto
+def remove_dead_nodes(graph) -> None:  # noqa: ANN001 - onnx GraphProto
     """Drop nodes none of whose outputs is read or is a graph output, and initializers nothing reads."""
     outputs = {o.name for o in graph.output}
     while True:

@@ -37,6 +37,7 @@ from torch import nn
 from srquant.deploy.layout_rewrites import (
     BRANCH_MIN_GROUP_OUTPUTS,
     nhwc_pixel_shuffle,
+    remove_dead_nodes,
     sort_topologically,
     split_grouped_chains,
 )
@@ -77,6 +78,7 @@ class ExportReport:
     widened_convs: list[str] = field(default_factory=list)  # narrow convs run with zero channels added, then sliced
     branched_convs: list[str] = field(default_factory=list)  # wide grouped convs run as one conv per group
     nhwc_shuffles: list[str] = field(default_factory=list)  # pixel shuffles written channels-last
+    uint8_requantize: list[str] = field(default_factory=list)  # grid-to-grid conversions as uint8 lookup tables
     dynamic_axes: bool = True
 
 
@@ -379,6 +381,56 @@ def _sink_dequantize(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
     return moved
 
 
+def _constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx GraphProto
+    """Every initializer and Constant-node output of the graph as an array (the trace writes glue grids as
+    Constant nodes, the rewrite as initializers)."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _requantize_in_uint8(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
+    """Replace each `DequantizeLinear -> QuantizeLinear` pair between two different per-tensor uint8 grids by
+    onnxruntime's `QLinearLeakyRelu` with alpha 1: a 256-entry lookup table from one grid to the other.
+
+    Such pairs are left where a tensor feeds a conv whose input grid is not its own (CARN-M's shared residual
+    unit reads three tensors on one grid). onnxruntime fuses neither away, so they ran as a float round trip.
+    The table is built from the same float dequantize / quantize steps, so the codes are the same (a test
+    compares all 256 codes on many grid pairs). Returns the replaced QuantizeLinear nodes.
+    """
+    from onnx import helper
+
+    values = _constant_values(graph)
+    producers = {t: n for n in graph.node for t in n.output}
+
+    def grid(node) -> tuple[float, int] | None:  # noqa: ANN001 - onnx NodeProto
+        scale, zero = (values.get(t) for t in node.input[1:3])
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype != np.uint8:
+            return None
+        return float(scale), int(zero)
+
+    replaced = []
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+        dq = producers.get(q.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 3:
+            continue
+        source, target = grid(dq), grid(q)
+        if source is None or target is None or source == target:  # equal grids: onnxruntime drops the pair itself
+            continue
+        inputs = [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]]
+        table = helper.make_node(
+            "QLinearLeakyRelu", inputs, list(q.output), name=f"{q.name}_requantize", domain="com.microsoft", alpha=1.0
+        )
+        graph.node.insert(list(graph.node).index(q), table)
+        graph.node.remove(q)
+        replaced.append(q.name)
+    return replaced
+
+
 def _grid(low: float, high: float) -> tuple[float, int]:
     """uint8 scale and zero point covering [low, high] (widened to include 0, as ONNX grids must)."""
     low, high = min(low, 0.0), max(high, 0.0)
@@ -448,7 +500,6 @@ def _rewrite(  # noqa: ANN001
         for name in params
         for k, node in enumerate(by_weight[f"{name}.weight"])
     ]
-    used = {init.name for init in graph.initializer}
     input_grids: dict[str, tuple[float, int]] = {}  # Q node name -> grid, for the conv inputs
     weights: dict[str, tuple[str, str | None]] = {}  # module -> its weight and bias DQ outputs, made once
     for name, node, tag in calls:
@@ -491,14 +542,12 @@ def _rewrite(  # noqa: ANN001
         _quantize_output(graph, node, *grid, f"{tag}_out")
     report.widened_convs = _widen_narrow_convs(graph, calls)
     report.sunk_dequantize = _sink_dequantize(graph)
+    report.uint8_requantize = _requantize_in_uint8(graph)
     if layout:
         report.branched_convs = split_grouped_chains(graph)
         report.nhwc_shuffles = nhwc_pixel_shuffle(graph)
+    remove_dead_nodes(graph)  # the float weights the integer ones replaced, dequantizers nothing reads now
     sort_topologically(graph)
-    unused = used - {t for node in graph.node for t in node.input}
-    keep = [init for init in graph.initializer if init.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 DENSE_MAX_GROUPS = 4  # grouped convs up to this many groups run as dense convs with zero blocks
@@ -614,6 +663,8 @@ def export_onnx(
     onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic, glue, linears))
     report = ExportReport(dynamic_axes=dynamic, glue=sorted(glue))
     _rewrite(onnx_model, params, ranges, report, layout_rewrites)
+    if report.uint8_requantize and not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
+        onnx_model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx_model.producer_name = "srquant"
     onnx.checker.check_model(onnx_model)
     path = Path(path)

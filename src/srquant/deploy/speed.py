@@ -204,6 +204,7 @@ def bench_onnxruntime(
                 "widened_convs": report.widened_convs,
                 "branched_convs": report.branched_convs,
                 "nhwc_shuffles": report.nhwc_shuffles,
+                "uint8_requantize": report.uint8_requantize,
                 "regridded_weights": report.regridded_weights,
                 "simulated_outputs": len(report.simulated_outputs),
                 "unsimulated_outputs": report.calibrated_outputs + report.image_outputs + report.shared_outputs,
