@@ -30,7 +30,7 @@ from speed_table import quantize_w8a8
 from srquant import api
 from srquant.deploy import onnx_export
 from srquant.deploy.ort_runtime import ort_session
-from srquant.deploy.speed import fp32_graphs, median_latencies
+from srquant.deploy.speed import fp32_graphs, median_latencies, timed_in_fresh_process
 
 OUT = RESULTS / "export_microbench.json"
 
@@ -138,33 +138,49 @@ def uint8_upsample(threads: int, runs: int) -> dict[str, float]:
 
 
 def _side_by_side(paths: dict[str, Path], threads: int, runs: int) -> dict[str, float]:
-    """Median ms of whole graphs on one LR 256x256 input, interleaved; their outputs must be equal."""
+    """Median ms of whole graphs on one LR 256x256 input ('all' level), interleaved in a fresh process, as
+    bench-speed times them; their outputs must be equal."""
     x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
-    sessions = {key: ort_session(path, threads) for key, path in paths.items()}
-    outputs = [session.run(None, {"lr": x})[0] for session in sessions.values()]
+    outputs = [ort_session(path, threads).run(None, {"lr": x})[0] for path in paths.values()]
     if not all(np.array_equal(outputs[0], out) for out in outputs[1:]):
         raise AssertionError(f"the graphs {list(paths)} compute different outputs")
-    return median_latencies({key: lambda s=s: s.run(None, {"lr": x}) for key, s in sessions.items()}, runs)
+    return timed_in_fresh_process({key: (path, "all") for key, path in paths.items()}, (256, 256), threads, runs)
 
 
 def rewrite_on_and_off(name: str, glue: bool, rewrite: str, assets: str, threads: int, runs: int) -> dict[str, float]:
     """Whole integer graph with one export rewrite and without: narrow-conv widening (`widen`), grouped-conv
-    densifying (`dense`, compared without the layout rewrites, which split CARN-M's grouped convs instead) or
-    the layout rewrites (`layout`: grouped convs as branches, channels-last pixel shuffles)."""
+    densifying (`dense`, compared without the layout rewrites, which split CARN-M's grouped convs instead),
+    the layout rewrites (`layout`: grouped convs as branches, channels-last pixel shuffles), the uint8
+    grid-conversion tables (`regrid`) or the uint8 concatenations (`concat`, against onnxruntime's
+    QLinearConcat)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model, _, _ = api.load_quantized_model(quantize_w8a8(name, assets, folder, glue))
-        layout = rewrite == "widen"
+        layout = rewrite in ("widen", "regrid", "concat")  # the layout rewrites on both sides; off for `dense`
         onnx_export.export_onnx(model, folder / "on.onnx", layout_rewrites=layout or rewrite == "layout")
-        saved = (onnx_export._widen_narrow_convs, onnx_export.DENSE_MAX_GROUPS)
+        saved = (
+            onnx_export._widen_narrow_convs,
+            onnx_export.DENSE_MAX_GROUPS,
+            onnx_export._requantize_in_uint8,
+            onnx_export._concat_in_uint8,
+        )
         if rewrite == "widen":
             onnx_export._widen_narrow_convs = lambda graph, calls: []  # the same export without the rewrite
         elif rewrite == "dense":
             onnx_export.DENSE_MAX_GROUPS = 1
+        elif rewrite == "regrid":
+            onnx_export._requantize_in_uint8 = lambda graph: []
+        elif rewrite == "concat":
+            onnx_export._concat_in_uint8 = lambda graph: []  # onnxruntime fuses them into QLinearConcat then
         try:
             onnx_export.export_onnx(model, folder / "off.onnx", layout_rewrites=layout)
         finally:
-            onnx_export._widen_narrow_convs, onnx_export.DENSE_MAX_GROUPS = saved
+            (
+                onnx_export._widen_narrow_convs,
+                onnx_export.DENSE_MAX_GROUPS,
+                onnx_export._requantize_in_uint8,
+                onnx_export._concat_in_uint8,
+            ) = saved
         timings = _side_by_side({"on": folder / "on.onnx", "off": folder / "off.onnx"}, threads, runs)
         return {f"{rewrite} {key}": value for key, value in timings.items()}
 
@@ -177,15 +193,11 @@ def float_layouts(name: str, assets: str, threads: int, runs: int) -> dict[str, 
         model = api.load_model(name, 4, assets)
         graphs = fp32_graphs(model, folder, None)
         x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
-        sessions = {
-            f"{kind}:{level}": ort_session(path, threads, level)
-            for kind, (path, levels) in graphs.items()
-            for level in levels
-        }
-        outputs = [session.run(None, {"lr": x})[0] for session in sessions.values()]
+        settings = {f"{kind}:{level}": (path, level) for kind, (path, levels) in graphs.items() for level in levels}
+        outputs = [ort_session(path, threads, level).run(None, {"lr": x})[0] for path, level in settings.values()]
         if not all(np.allclose(outputs[0], out, atol=1e-4) for out in outputs[1:]):
-            raise AssertionError(f"the FP32 graphs {list(sessions)} compute different images")
-        return median_latencies({key: lambda s=s: s.run(None, {"lr": x}) for key, s in sessions.items()}, runs)
+            raise AssertionError(f"the FP32 graphs {list(settings)} compute different images")
+        return timed_in_fresh_process(settings, (256, 256), threads, runs)
 
 
 def grouped_as_branches(threads: int, runs: int) -> dict[str, float]:
@@ -267,6 +279,12 @@ def main() -> None:
         "QLinearConv 64 -> 256 in 4 groups at 512x512": lambda: grouped_as_branches(args.threads, args.runs),
         "carn-m + integer glue, whole graph, layout rewrites": lambda: rewrite_on_and_off(
             "carn-m", True, "layout", args.assets, args.threads, args.runs
+        ),
+        "carn-m + integer glue, whole graph, uint8 regrid tables": lambda: rewrite_on_and_off(
+            "carn-m", True, "regrid", args.assets, args.threads, args.runs
+        ),
+        "carn-m + integer glue, whole graph, uint8 concatenations": lambda: rewrite_on_and_off(
+            "carn-m", True, "concat", args.assets, args.threads, args.runs
         ),
         "carn-m FP32 graphs (baseline candidates)": lambda: float_layouts(
             "carn-m", args.assets, args.threads, args.runs

@@ -64,13 +64,18 @@ def test_integer_graph_runs_qlinearconv_and_matches_the_fake_quant_model(tmp_pat
     assert diff.mean() < 5e-4 and diff.max() < 0.02
 
 
-def optimized_ops(path: Path, tmp_path: Path) -> list[str]:
-    """Operator types of the graph onnxruntime actually runs (after its QDQ fusions)."""
+def optimized_nodes(path: Path, tmp_path: Path) -> list:
+    """The nodes of the graph onnxruntime actually runs (after its QDQ fusions)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    return list(onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    """Operator types of the graph onnxruntime actually runs."""
+    return [node.op_type for node in optimized_nodes(path, tmp_path)]
 
 
 def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_output(
@@ -92,10 +97,10 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
     np.testing.assert_array_equal(sunk, plain)  # exact: a permutation and a max on the grid
 
 
-GLUE_KERNELS = {
-    "imdn": {"QLinearLeakyRelu", "QLinearConcat", "QLinearMul", "QLinearAdd"},
-    "pan": {"QLinearLeakyRelu", "QLinearConcat", "QLinearMul", "QLinearAdd", "QLinearSigmoid"},
-    "carn-m": {"QLinearConcat", "QLinearAdd"},
+GLUE_KERNELS = {  # concatenations run as uint8 tables + uint8 Concat (`uint8_concats`), not QLinearConcat
+    "imdn": {"QLinearLeakyRelu", "QLinearMul", "QLinearAdd"},
+    "pan": {"QLinearLeakyRelu", "QLinearMul", "QLinearAdd", "QLinearSigmoid"},
+    "carn-m": {"QLinearAdd"},
 }
 
 
@@ -106,10 +111,13 @@ def test_quantized_glue_runs_on_uint8_kernels_and_matches_the_fake_quant_model(n
     report = export_onnx(model, tmp_path / "glue.onnx", layout_rewrites=False)
     marked = sorted(n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith("_glue"))
     assert marked and report.glue == marked
-    ops = optimized_ops(tmp_path / "glue.onnx", tmp_path)
+    nodes = optimized_nodes(tmp_path / "glue.onnx", tmp_path)
+    ops = [node.op_type for node in nodes]
     assert ops.count("QLinearConv") == len(report.convs)
     # The activations, concatenations, gates and sums between the convs no longer run in float.
-    assert not {"LeakyRelu", "Concat", "Sigmoid", "Mul"} & set(ops)
+    assert not {"LeakyRelu", "Sigmoid", "Mul", "QLinearConcat"} & set(ops)
+    concats = [node.name for node in nodes if node.op_type == "Concat"]
+    assert report.uint8_concats and concats == [f"{name}_uint8" for name in report.uint8_concats]
     assert GLUE_KERNELS[name] <= set(ops)
     if name == "imdn":  # the distillation splits run on uint8 (their DequantizeLinear moved past them) ...
         assert any(op.endswith("Split") for op in report.sunk_dequantize)
@@ -180,14 +188,34 @@ def test_grid_conversions_run_as_uint8_tables_with_the_same_codes(
     model = quantized_tiny("carn-m", glue_bits=8)  # the shared residual unit reads three tensors on one grid
     report = export_onnx(model, tmp_path / "table.onnx")
     assert report.uint8_requantize  # the conversions onto that grid
-    ops = optimized_ops(tmp_path / "table.onnx", tmp_path)
-    assert ops.count("QLinearLeakyRelu") == len(report.uint8_requantize)
+    tables = [n.name for n in optimized_nodes(tmp_path / "table.onnx", tmp_path) if n.op_type == "QLinearLeakyRelu"]
+    assert sorted(t for t in tables if t.endswith("_requantize")) == sorted(
+        f"{q}_requantize" for q in report.uint8_requantize
+    )
     monkeypatch.setattr("srquant.deploy.onnx_export._requantize_in_uint8", lambda graph: [])
     export_onnx(model, tmp_path / "float.onnx")
     x = smooth_batches(1, 20)[0].numpy()
     table = ort_session(tmp_path / "table.onnx", 1).run(None, {"lr": x})[0]
     plain = ort_session(tmp_path / "float.onnx", 1).run(None, {"lr": x})[0]
     np.testing.assert_array_equal(table, plain)
+
+
+@pytest.mark.parametrize("name", ["imdn", "carn-m"])
+def test_concatenations_run_as_uint8_tables_and_a_copy_with_the_same_output(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = quantized_tiny(name, glue_bits=8)
+    report = export_onnx(model, tmp_path / "tables.onnx")
+    assert report.uint8_concats
+    assert "QLinearConcat" not in optimized_ops(tmp_path / "tables.onnx", tmp_path)
+    monkeypatch.setattr("srquant.deploy.onnx_export._concat_in_uint8", lambda graph: [])
+    export_onnx(model, tmp_path / "fused.onnx")
+    assert "QLinearConcat" in optimized_ops(tmp_path / "fused.onnx", tmp_path)  # onnxruntime's own fusion
+    x = smooth_batches(1, 20)[0].numpy()
+    for level in ("basic", "all"):
+        tables = ort_session(tmp_path / "tables.onnx", 1, level).run(None, {"lr": x})[0]
+        fused = ort_session(tmp_path / "fused.onnx", 1, level).run(None, {"lr": x})[0]
+        np.testing.assert_array_equal(tables, fused)
 
 
 def test_uint8_table_equals_dequantize_then_quantize_on_every_code() -> None:

@@ -300,7 +300,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets)
     shape = "any LR size" if report.dynamic_axes else f"LR {args.size[0]}x{args.size[1]}"
     glue = f" and {len(report.glue)} quantized tensors between them" if report.glue else ""
-    print(f"wrote {args.output}: {len(report.convs)} integer convs{glue}, for {shape}")
+    print(f"wrote {args.output}: {len(report.convs)} integer convs / linear layers{glue}, for {shape}")
     if report.regridded_weights:
         print(f"note: {len(report.regridded_weights)} weights re-gridded to symmetric int8 (not bit-exact)")
     unsimulated = report.calibrated_outputs + report.image_outputs + report.shared_outputs

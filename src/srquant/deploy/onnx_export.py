@@ -79,6 +79,7 @@ class ExportReport:
     branched_convs: list[str] = field(default_factory=list)  # wide grouped convs run as one conv per group
     nhwc_shuffles: list[str] = field(default_factory=list)  # pixel shuffles written channels-last
     uint8_requantize: list[str] = field(default_factory=list)  # grid-to-grid conversions as uint8 lookup tables
+    uint8_concats: list[str] = field(default_factory=list)  # quantized concatenations as uint8 tables + Concat
     dynamic_axes: bool = True
 
 
@@ -393,42 +394,95 @@ def _constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx Gra
     return values
 
 
-def _requantize_in_uint8(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
-    """Replace each `DequantizeLinear -> QuantizeLinear` pair between two different per-tensor uint8 grids by
-    onnxruntime's `QLinearLeakyRelu` with alpha 1: a 256-entry lookup table from one grid to the other.
+class _Uint8Grids:
+    """Reads the per-tensor uint8 grid (scale, zero point) of Q / DQ nodes whose grid is constant."""
 
-    Such pairs are left where a tensor feeds a conv whose input grid is not its own (CARN-M's shared residual
-    unit reads three tensors on one grid). onnxruntime fuses neither away, so they ran as a float round trip.
-    The table is built from the same float dequantize / quantize steps, so the codes are the same (a test
-    compares all 256 codes on many grid pairs). Returns the replaced QuantizeLinear nodes.
-    """
-    from onnx import helper
+    def __init__(self, graph) -> None:  # noqa: ANN001 - onnx GraphProto
+        self.values = _constant_values(graph)
 
-    values = _constant_values(graph)
-    producers = {t: n for n in graph.node for t in n.output}
-
-    def grid(node) -> tuple[float, int] | None:  # noqa: ANN001 - onnx NodeProto
-        scale, zero = (values.get(t) for t in node.input[1:3])
+    def __call__(self, node) -> tuple[float, int] | None:  # noqa: ANN001 - onnx NodeProto
+        if len(node.input) != 3:
+            return None
+        scale, zero = (self.values.get(t) for t in node.input[1:3])
         if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype != np.uint8:
             return None
         return float(scale), int(zero)
 
+
+def _regrid_table(dq, q, output: str, name: str):  # noqa: ANN001, ANN202 - onnx protos
+    """onnxruntime's `QLinearLeakyRelu` with alpha 1 from the DequantizeLinear's grid to the QuantizeLinear's:
+    a 256-entry table built from the same float dequantize / quantize steps, so it gives the same codes as the
+    pair (a test compares all 256 codes on many grid pairs)."""
+    from onnx import helper
+
+    inputs = [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]]
+    return helper.make_node("QLinearLeakyRelu", inputs, [output], name=name, domain="com.microsoft", alpha=1.0)
+
+
+def _requantize_in_uint8(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
+    """Replace each `DequantizeLinear -> QuantizeLinear` pair between two different per-tensor uint8 grids by a
+    uint8 table (`_regrid_table`).
+
+    Such pairs are left where a tensor feeds a conv whose input grid is not its own (CARN-M's shared residual
+    unit reads three tensors on one grid). onnxruntime fuses neither away, so they ran as a float round trip.
+    Returns the replaced QuantizeLinear nodes.
+    """
+    grid = _Uint8Grids(graph)
+    producers = {t: n for n in graph.node for t in n.output}
     replaced = []
-    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         dq = producers.get(q.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 3:
+        if dq is None or dq.op_type != "DequantizeLinear":
             continue
         source, target = grid(dq), grid(q)
         if source is None or target is None or source == target:  # equal grids: onnxruntime drops the pair itself
             continue
-        inputs = [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]]
-        table = helper.make_node(
-            "QLinearLeakyRelu", inputs, list(q.output), name=f"{q.name}_requantize", domain="com.microsoft", alpha=1.0
-        )
-        graph.node.insert(list(graph.node).index(q), table)
+        graph.node.insert(list(graph.node).index(q), _regrid_table(dq, q, q.output[0], f"{q.name}_requantize"))
         graph.node.remove(q)
         replaced.append(q.name)
     return replaced
+
+
+def _concat_in_uint8(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
+    """Rewrite `DequantizeLinear`s -> `Concat` -> `QuantizeLinear` (per-tensor uint8 grids) as a uint8 table per
+    input whose grid differs from the output's, then a plain uint8 `Concat`.
+
+    onnxruntime fuses the QDQ form into `QLinearConcat`, which was measured slower than the tables and the
+    copy (benchmarks/export_microbench.py). The codes are those of the QDQ form: each element is dequantized
+    and quantized once, as in the table. Returns the rewritten Concat nodes.
+    """
+    from onnx import helper
+
+    grid = _Uint8Grids(graph)
+    producers = {t: n for n in graph.node for t in n.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for tensor in set(node.input):
+            readers.setdefault(tensor, []).append(node)
+    outputs = {o.name for o in graph.output}
+    rewritten = []
+    for concat in [n for n in graph.node if n.op_type == "Concat"]:
+        found = readers.get(concat.output[0], [])
+        if len(found) != 1 or found[0].op_type != "QuantizeLinear" or concat.output[0] in outputs:
+            continue
+        q, sources = found[0], [producers.get(t) for t in concat.input]
+        target = grid(q)
+        if target is None or any(d is None or d.op_type != "DequantizeLinear" or grid(d) is None for d in sources):
+            continue
+        inputs = []
+        for k, dq in enumerate(sources):
+            if grid(dq) == target:
+                inputs.append(dq.input[0])  # already on the output grid: copied as it is
+                continue
+            regridded = f"{concat.name}_input{k}_uint8"
+            graph.node.append(_regrid_table(dq, q, regridded, f"{concat.name}_input{k}_regrid"))
+            inputs.append(regridded)
+        axis = next(a.i for a in concat.attribute if a.name == "axis")
+        graph.node.append(helper.make_node("Concat", inputs, list(q.output), name=f"{concat.name}_uint8", axis=axis))
+        graph.node.remove(q)
+        graph.node.remove(concat)
+        rewritten.append(concat.name)
+    return rewritten
 
 
 def _grid(low: float, high: float) -> tuple[float, int]:
@@ -543,6 +597,7 @@ def _rewrite(  # noqa: ANN001
     report.widened_convs = _widen_narrow_convs(graph, calls)
     report.sunk_dequantize = _sink_dequantize(graph)
     report.uint8_requantize = _requantize_in_uint8(graph)
+    report.uint8_concats = _concat_in_uint8(graph)
     if layout:
         report.branched_convs = split_grouped_chains(graph)
         report.nhwc_shuffles = nhwc_pixel_shuffle(graph)
@@ -663,7 +718,8 @@ def export_onnx(
     onnx_model = onnx.load_from_string(_float_onnx(model, sample, dynamic, glue, linears))
     report = ExportReport(dynamic_axes=dynamic, glue=sorted(glue))
     _rewrite(onnx_model, params, ranges, report, layout_rewrites)
-    if report.uint8_requantize and not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
+    tables = report.uint8_requantize or report.uint8_concats
+    if tables and not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
         onnx_model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx_model.producer_name = "srquant"
     onnx.checker.check_model(onnx_model)

@@ -1,8 +1,9 @@
 """Measured speed of integer inference against the fastest FP32 setting of the same runtime (onnxruntime).
 
 FP32 and integer sessions run interleaved, one call each per round, so both see the same machine state; the
-median over rounds is reported. Peak memory is measured in a fresh process per graph (no srquant import),
-which is also how a deployment would load the file.
+median over rounds is reported. Timing and peak memory are measured in fresh processes that import
+onnxruntime and numpy only (no srquant, no torch, whose idle thread pool and memory would share the two
+cores and the caches with the sessions), which is also how a deployment would load the file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from srquant.deploy.onnx_export import ExportReport, export_float_onnx, export_onnx
-from srquant.deploy.ort_runtime import OrtUpscaler, ort_session
+from srquant.deploy.ort_runtime import OrtUpscaler
 from srquant.errors import SrquantError
 
 FP32_LEVELS = ("extended", "all")  # "all" adds onnxruntime's NCHWc layout transforms; the faster one counts
@@ -47,6 +48,49 @@ assert "srquant" not in sys.modules
 # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across exec
 print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
+
+
+_TIMING_SCRIPT = """
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+settings = json.loads(sys.argv[1])
+height, width, threads, runs = (int(value) for value in sys.argv[2:6])
+levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+x = np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)
+sessions = {}
+for key, (path, level) in settings.items():
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = levels[level]
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    session.run(None, feed)  # warm-up
+    sessions[key] = (session, feed)
+times = {key: [] for key in sessions}
+for _ in range(runs):  # one call of every setting per round: all see the same machine state
+    for key, (session, feed) in sessions.items():
+        start = time.perf_counter()
+        session.run(None, feed)
+        times[key].append((time.perf_counter() - start) * 1000.0)
+assert "srquant" not in sys.modules and "torch" not in sys.modules
+print(json.dumps({key: float(np.median(values)) for key, values in times.items()}))
+"""
+
+
+def timed_in_fresh_process(
+    settings: dict[str, tuple[Path, str]], size: tuple[int, int], threads: int, runs: int
+) -> dict[str, float]:
+    """Median milliseconds of each (graph, optimisation level) setting, interleaved round by round in a fresh
+    process that imports onnxruntime and numpy only."""
+    spec = json.dumps({key: [str(path), level] for key, (path, level) in settings.items()})
+    argv = [sys.executable, "-c", _TIMING_SCRIPT, spec, str(size[0]), str(size[1]), str(threads), str(runs)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SrquantError(f"onnxruntime could not time the graphs in a fresh process: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -170,14 +214,8 @@ def bench_onnxruntime(
         fixed = int(getattr(model, "pad_multiple", 1)) != 1
         report: ExportReport = export_onnx(model, int_path, calib_inputs, size if fixed else None)
         graphs = {"int": (int_path, INT_LEVELS)} | fp32_graphs(model, folder, size if fixed else None)
-        x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
-        runners: dict[str, Callable[[], object]] = {}
-        for kind, (path, levels) in graphs.items():
-            for level in levels:
-                session = ort_session(path, threads, level)
-                name = session.get_inputs()[0].name
-                runners[f"{kind}:{level}"] = lambda s=session, n=name: s.run(None, {n: x})
-        timings = median_latencies(runners, runs)
+        settings = {f"{kind}:{level}": (path, level) for kind, (path, levels) in graphs.items() for level in levels}
+        timings = timed_in_fresh_process(settings, size, threads, runs)
         fp32_setting = min((k for k in timings if k.startswith("fp32")), key=timings.__getitem__)
         int_setting = min((k for k in timings if k.startswith("int:")), key=timings.__getitem__)
         fp32_ms, int_ms = timings[fp32_setting], timings[int_setting]
@@ -205,6 +243,7 @@ def bench_onnxruntime(
                 "branched_convs": report.branched_convs,
                 "nhwc_shuffles": report.nhwc_shuffles,
                 "uint8_requantize": report.uint8_requantize,
+                "uint8_concats": report.uint8_concats,
                 "regridded_weights": report.regridded_weights,
                 "simulated_outputs": len(report.simulated_outputs),
                 "unsimulated_outputs": report.calibrated_outputs + report.image_outputs + report.shared_outputs,
