@@ -6,8 +6,9 @@
 Speed: every shipped CNN at x4 and the transformers, quantized W8A8 (fully: head and tail too) by MinMax with
 symmetric weights and simulated 8-bit outputs (`--output-bits 8`), and for networks with glue taps a second
 time with the tensors between layers quantized too (`--glue-bits 8`), exported with `srquant export`, timed with
-`srquant bench-speed` (FP32 at onnxruntime's "extended" and "all" levels, the faster counts; both graphs
-interleaved in one process; median of --runs), Set5 PSNR of the integer graph against the fake-quant model.
+`srquant bench-speed` (FP32 as exported and with the exact layout rewrites, each at onnxruntime's "extended"
+and "all" levels, the fastest counts; all graphs interleaved in one fresh process; median of --runs), Set5
+PSNR of the integer graph against the fake-quant model.
 Sizes: the float checkpoint against packed 8/4/2-bit checkpoints (MinMax, default layers). Profile: time per
 operator type of the integer and float graphs (why a network gains or not). PT2E: PyTorch's x86 Inductor int8
 flow against eager, channels-last and compiled FP32 on IMDN (the candidate second backend).
@@ -217,7 +218,8 @@ def table() -> str:
     lines = [header("Real integer inference on CPU (onnxruntime)", produced_by), ""]
     lines.append(
         "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
-        "cells (`--table-only`). Timings were taken with every other process on the machine paused. Recipes: "
+        "cells (`--table-only`). Timings were taken on the otherwise idle machine, every setting once per round, in "
+        "a fresh process that imports onnxruntime and numpy only (the IMDN PT2E probe runs in this process). Recipes: "
         "`layers only` quantizes the convs and linear layers (`--output-bits 8 --no-matmul`); `+ attention matmuls` "
         "also their operands (transformers); `+ integer glue` also quantizes the tensors between "
         "them that the architecture marks (`--glue-bits 8`; IMDN, PAN and CARN-M), so onnxruntime stays in uint8 "
