@@ -253,6 +253,17 @@ def table() -> str:
     return "\n".join(lines)
 
 
+WHOLE_GRAPH_CELLS = {
+    "carn-m conv only, whole graph, widening": ("carn-m", False, "widen"),
+    "pan + integer glue, whole graph, widening": ("pan", True, "widen"),
+    "carn-m + integer glue, whole graph, densifying": ("carn-m", True, "dense"),
+    "carn-m + integer glue, whole graph, layout rewrites": ("carn-m", True, "layout"),
+    "carn-m + integer glue, whole graph, uint8 regrid tables": ("carn-m", True, "regrid"),
+    "carn-m + integer glue, whole graph, uint8 concatenations": ("carn-m", True, "concat"),
+}
+"""Whole-graph cells: title -> (network, integer glue, rewrite switched off for the comparison)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", required=True)
@@ -264,32 +275,18 @@ def main() -> None:
         "QLinearConv 64 -> M at 1024x1024": lambda: conv_widths(args.threads, args.runs),
         "two 64 -> 64 QLinearConv at 256x256": lambda: grouped_vs_dense(args.threads, args.runs),
         "uint8 nearest x2 upsampling": lambda: uint8_upsample(args.threads, args.runs),
-        "carn-m conv only, whole graph, widening": lambda: rewrite_on_and_off(
-            "carn-m", False, "widen", args.assets, args.threads, args.runs
-        ),
-        "pan + integer glue, whole graph, widening": lambda: rewrite_on_and_off(
-            "pan", True, "widen", args.assets, args.threads, args.runs
-        ),
-        "carn-m + integer glue, whole graph, densifying": lambda: rewrite_on_and_off(
-            "carn-m", True, "dense", args.assets, args.threads, args.runs
-        ),
         "carn-m FP32 graph, grouped against dense": lambda: float_densified(
             "carn-m", args.assets, args.threads, args.runs
         ),
         "QLinearConv 64 -> 256 in 4 groups at 512x512": lambda: grouped_as_branches(args.threads, args.runs),
-        "carn-m + integer glue, whole graph, layout rewrites": lambda: rewrite_on_and_off(
-            "carn-m", True, "layout", args.assets, args.threads, args.runs
-        ),
-        "carn-m + integer glue, whole graph, uint8 regrid tables": lambda: rewrite_on_and_off(
-            "carn-m", True, "regrid", args.assets, args.threads, args.runs
-        ),
-        "carn-m + integer glue, whole graph, uint8 concatenations": lambda: rewrite_on_and_off(
-            "carn-m", True, "concat", args.assets, args.threads, args.runs
-        ),
         "carn-m FP32 graphs (baseline candidates)": lambda: float_layouts(
             "carn-m", args.assets, args.threads, args.runs
         ),
     }
+    for title, (name, glue, rewrite) in WHOLE_GRAPH_CELLS.items():
+        cells[title] = lambda n=name, g=glue, r=rewrite: rewrite_on_and_off(
+            n, g, r, args.assets, args.threads, args.runs
+        )
     chosen = set(args.only.split(";")) if args.only else set(cells)
     for key, measure in cells.items():
         if key not in chosen:

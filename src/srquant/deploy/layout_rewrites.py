@@ -1,6 +1,6 @@
 """Exact layout rewrites of an exported ONNX graph (float or integer) that onnxruntime runs faster on this CPU.
 
-Two rewrites, each a pure reordering of the same arithmetic (tests compare outputs bit for bit):
+Two rewrites, each a pure reordering of the same arithmetic (tests compare integer outputs bit for bit):
 
 - `split_grouped_chains`: a grouped conv whose groups are wide runs as one ordinary conv per group on a slice
   of its input. Consecutive grouped convs joined only by per-tensor elementwise ops and pixel shuffles keep
@@ -16,8 +16,6 @@ Two rewrites, each a pure reordering of the same arithmetic (tests compare outpu
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -139,15 +137,6 @@ def _follow_links(g: _Graph, tensor: str, stop_at_dequantize: bool) -> tuple[lis
             return path, node
         path.append(node)
         tensor = node.output[0]
-
-
-def _shuffle_factor(path: Iterable) -> int:
-    """Product of the pixel-shuffle block sizes along a path (channels shrink by its square)."""
-    factor = 1
-    for node in path:
-        if node.op_type == "DepthToSpace":
-            factor *= int(_attr(node, "blocksize"))
-    return factor
 
 
 def _chains(g: _Graph, min_group_outputs: int) -> list[list]:
