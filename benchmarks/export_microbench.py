@@ -161,25 +161,25 @@ def rewrite_on_and_off(name: str, glue: bool, rewrite: str, assets: str, threads
         saved = (
             onnx_export._widen_narrow_convs,
             onnx_export.DENSE_MAX_GROUPS,
-            onnx_export._requantize_in_uint8,
-            onnx_export._concat_in_uint8,
+            onnx_export.requantize_in_uint8,
+            onnx_export.concat_in_uint8,
         )
         if rewrite == "widen":
             onnx_export._widen_narrow_convs = lambda graph, calls: []  # the same export without the rewrite
         elif rewrite == "dense":
             onnx_export.DENSE_MAX_GROUPS = 1
         elif rewrite == "regrid":
-            onnx_export._requantize_in_uint8 = lambda graph: []
+            onnx_export.requantize_in_uint8 = lambda graph: []
         elif rewrite == "concat":
-            onnx_export._concat_in_uint8 = lambda graph: []  # onnxruntime fuses them into QLinearConcat then
+            onnx_export.concat_in_uint8 = lambda graph: []  # onnxruntime fuses them into QLinearConcat then
         try:
             onnx_export.export_onnx(model, folder / "off.onnx", layout_rewrites=layout)
         finally:
             (
                 onnx_export._widen_narrow_convs,
                 onnx_export.DENSE_MAX_GROUPS,
-                onnx_export._requantize_in_uint8,
-                onnx_export._concat_in_uint8,
+                onnx_export.requantize_in_uint8,
+                onnx_export.concat_in_uint8,
             ) = saved
         timings = _side_by_side({"on": folder / "on.onnx", "off": folder / "off.onnx"}, threads, runs)
         return {f"{rewrite} {key}": value for key, value in timings.items()}

@@ -89,7 +89,7 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
     for node in moved:  # each now reads a uint8 tensor and feeds a DequantizeLinear (or a uint8 regrid table)
         readers = {n.op_type for n in graph.node if node.output[0] in n.input}
         assert readers and readers <= {"DequantizeLinear", "Max", "DepthToSpace", "QLinearLeakyRelu"}
-    monkeypatch.setattr("srquant.deploy.onnx_export._sink_dequantize", lambda graph: [])
+    monkeypatch.setattr("srquant.deploy.onnx_export.sink_dequantize", lambda graph: [])
     export_onnx(model, tmp_path / "plain.onnx", layout_rewrites=False)
     x = smooth_batches(1, 20)[0].numpy()
     sunk = ort_session(tmp_path / "sunk.onnx", 1).run(None, {"lr": x})[0]
@@ -192,7 +192,7 @@ def test_grid_conversions_run_as_uint8_tables_with_the_same_codes(
     assert sorted(t for t in tables if t.endswith("_requantize")) == sorted(
         f"{q}_requantize" for q in report.uint8_requantize
     )
-    monkeypatch.setattr("srquant.deploy.onnx_export._requantize_in_uint8", lambda graph: [])
+    monkeypatch.setattr("srquant.deploy.onnx_export.requantize_in_uint8", lambda graph: [])
     export_onnx(model, tmp_path / "float.onnx")
     x = smooth_batches(1, 20)[0].numpy()
     table = ort_session(tmp_path / "table.onnx", 1).run(None, {"lr": x})[0]
@@ -208,7 +208,7 @@ def test_concatenations_run_as_uint8_tables_and_a_copy_with_the_same_output(
     report = export_onnx(model, tmp_path / "tables.onnx")
     assert report.uint8_concats
     assert "QLinearConcat" not in optimized_ops(tmp_path / "tables.onnx", tmp_path)
-    monkeypatch.setattr("srquant.deploy.onnx_export._concat_in_uint8", lambda graph: [])
+    monkeypatch.setattr("srquant.deploy.onnx_export.concat_in_uint8", lambda graph: [])
     export_onnx(model, tmp_path / "fused.onnx")
     assert "QLinearConcat" in optimized_ops(tmp_path / "fused.onnx", tmp_path)  # onnxruntime's own fusion
     x = smooth_batches(1, 20)[0].numpy()
