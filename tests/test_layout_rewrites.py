@@ -150,3 +150,20 @@ def test_narrow_groups_are_not_split() -> None:
     assert split_grouped_chains(model.graph, 12) == ["conv"]
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Conv") == 2 and "Split" in ops and "Concat" in ops
+
+
+@pytest.mark.parametrize("name", ["imdn", "eswt"])
+def test_pixel_shuffle_of_the_output_conv_is_rewritten_exactly(name: str, tmp_path: Path) -> None:
+    from srquant.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, 4, tiny=True).eval()
+    spec = QuantSpec(8, 8, full=True, weight_quantizer="symmetric", output_bits=8, matmul=False)
+    quantize_(model, spec, get_entry(name).layout)
+    calibrate(model, smooth(3, 16), "minmax")
+    report = export_onnx(model, tmp_path / "on.onnx", size=(16, 16))
+    export_onnx(model, tmp_path / "off.onnx", size=(16, 16), layout_rewrites=False)
+    assert len(report.nhwc_shuffles) == 1  # the upsampler's pixel shuffle
+    x = smooth(1, 16, seed=3)[0].numpy()
+    for level in ("extended", "all"):
+        np.testing.assert_array_equal(run(tmp_path / "on.onnx", x, level), run(tmp_path / "off.onnx", x, level))
