@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from srquant.errors import SrquantError
+
 LINK_OPS = ("QuantizeLinear", "DequantizeLinear", "Relu", "Max", "DepthToSpace")
 """Ops that may join two grouped convs of one chain: per-tensor elementwise maps and CRD pixel shuffles."""
 
@@ -36,16 +38,7 @@ def _attr(node, name: str, default: object = None) -> object:  # noqa: ANN001 - 
     return default if found is None else helper.get_attribute_value(found)
 
 
-def _set_attr(node, name: str, value: object) -> None:  # noqa: ANN001 - onnx NodeProto
-    """Set (or replace) a node attribute."""
-    from onnx import helper
-
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend([*kept, helper.make_attribute(name, value)])
-
-
-class _Graph:
+class GraphIndex:
     """Producer / reader / initializer look-ups over a GraphProto, rebuilt after each structural change."""
 
     def __init__(self, graph) -> None:  # noqa: ANN001 - onnx GraphProto
@@ -96,25 +89,25 @@ class _Graph:
             return _attr(node, "mode", b"DCR") == b"CRD"
         return all(self.is_scalar(t) for t in node.input[1:] if t)
 
-    def channel_params(self, conv) -> list[tuple[str, str]] | None:  # noqa: ANN001 - onnx NodeProto
-        """The per-output-channel parameters of a Conv as (initializer, reader) pairs: weight and bias, either
-        initializers themselves (float graph) or behind a per-channel DequantizeLinear (integer graph).
+    def channel_params(self, conv) -> list[str] | None:  # noqa: ANN001 - onnx NodeProto
+        """The initializers holding a Conv's per-output-channel parameters: weight and bias, either the
+        initializers themselves (float graph) or those behind a per-channel DequantizeLinear (integer graph).
         None if some parameter is computed otherwise."""
-        found: list[tuple[str, str]] = []
+        found: list[str] = []
         for tensor in conv.input[1:3]:
             if not tensor:
                 continue
             if tensor in self.inits:
-                found.append((tensor, conv.name))
+                found.append(tensor)
                 continue
             dq = self.producer.get(tensor)
             if dq is None or dq.op_type != "DequantizeLinear" or not all(t in self.inits for t in dq.input):
                 return None
-            found += [(t, dq.name) for t in dq.input if not self.is_scalar(t)]
+            found += [t for t in dq.input if not self.is_scalar(t)]
         return found
 
 
-def _conv_out_channels(g: _Graph, conv) -> int | None:  # noqa: ANN001 - onnx NodeProto
+def _conv_out_channels(g: GraphIndex, conv) -> int | None:  # noqa: ANN001 - onnx NodeProto
     """Output channels of a Conv whose weight is an initializer or a dequantized one."""
     weight = conv.input[1]
     if weight not in g.inits:
@@ -125,7 +118,7 @@ def _conv_out_channels(g: _Graph, conv) -> int | None:  # noqa: ANN001 - onnx No
     return int(g.inits[weight].dims[0])
 
 
-def _follow_links(g: _Graph, tensor: str, stop_at_dequantize: bool) -> tuple[list, object]:
+def _follow_links(g: GraphIndex, tensor: str, stop_at_dequantize: bool) -> tuple[list, object]:
     """Walk from `tensor` through single-reader link ops; returns the ops passed and the node that ended the
     walk (a reader that is not a link op, or None)."""
     path = []
@@ -139,7 +132,7 @@ def _follow_links(g: _Graph, tensor: str, stop_at_dequantize: bool) -> tuple[lis
         tensor = node.output[0]
 
 
-def _chains(g: _Graph, min_group_outputs: int) -> list[list]:
+def _chains(g: GraphIndex, min_group_outputs: int) -> list[list]:
     """Maximal chains [conv, links, conv, links, ...] of wide grouped convs with equal group counts."""
     wide = {}
     for node in g.graph.node:
@@ -165,7 +158,7 @@ def _chains(g: _Graph, min_group_outputs: int) -> list[list]:
     return chains
 
 
-def _branch_param(g: _Graph, tensor: str, group: int, groups: int, created: list) -> str:
+def _branch_param(g: GraphIndex, tensor: str, group: int, groups: int, created: list) -> str:
     """Group `group`'s rows of a conv parameter (an initializer or a per-channel DequantizeLinear of ones)."""
     from onnx import helper
 
@@ -194,7 +187,7 @@ def split_grouped_chains(graph, min_group_outputs: int | None = None) -> list[st
     DequantizeLinear."""
     from onnx import helper
 
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     done: list[str] = []
     minimum = BRANCH_MIN_GROUP_OUTPUTS if min_group_outputs is None else min_group_outputs
     for chain in _chains(g, minimum):
@@ -236,13 +229,13 @@ def split_grouped_chains(graph, min_group_outputs: int | None = None) -> list[st
     return done
 
 
-def _permute_output_channels(g: _Graph, conv, order: np.ndarray) -> None:  # noqa: ANN001 - onnx NodeProto
+def _permute_output_channels(g: GraphIndex, conv, order: np.ndarray) -> None:  # noqa: ANN001 - onnx NodeProto
     """Reorder a conv's output channels in place: new channel k is old channel order[k]."""
-    for name, _ in g.channel_params(conv) or []:
+    for name in g.channel_params(conv) or []:
         g.set_array(name, g.array(name)[order])
 
 
-def _exclusive(g: _Graph, conv) -> bool:  # noqa: ANN001 - onnx NodeProto
+def _exclusive(g: GraphIndex, conv) -> bool:  # noqa: ANN001 - onnx NodeProto
     """True if the conv's per-channel parameters are read by it alone (a shared module's are not)."""
     if not g.channel_params(conv):
         return False
@@ -255,7 +248,7 @@ def _exclusive(g: _Graph, conv) -> bool:  # noqa: ANN001 - onnx NodeProto
     return True
 
 
-def _shuffle_source(g: _Graph, shuffle):  # noqa: ANN001, ANN202 - onnx NodeProto
+def _shuffle_source(g: GraphIndex, shuffle):  # noqa: ANN001, ANN202 - onnx NodeProto
     """The Conv feeding a pixel shuffle through single-reader per-tensor elementwise ops, or None."""
     tensor = shuffle.input[0]
     while True:
@@ -274,7 +267,7 @@ def nhwc_pixel_shuffle(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
     conv's output channels reordered to match (see the module docstring); returns the rewritten shuffles."""
     from onnx import helper
 
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     done: list[str] = []
     for shuffle in [n for n in graph.node if n.op_type == "DepthToSpace" and _attr(n, "mode", b"DCR") == b"CRD"]:
         conv = _shuffle_source(g, shuffle)
@@ -344,13 +337,16 @@ def sort_topologically(graph) -> None:  # noqa: ANN001 - onnx GraphProto
     available = {i.name for i in graph.input} | {init.name for init in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
     while pending:
-        ready = [n for n in pending if all(t in available for t in n.input)]
-        if not ready:
-            raise ValueError(f"cannot order the graph: {pending[0].name} has an unknown input")
-        for node in ready:
-            available.update(node.output)
-        ordered += ready
-        pending = [n for n in pending if n not in ready]
+        rest = []
+        for node in pending:
+            if all(t in available for t in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise SrquantError(f"cannot order the exported graph: {rest[0].name} has an unknown input")
+        pending = rest
     copies = [type(n)() for n in ordered]
     for copy, node in zip(copies, ordered, strict=True):
         copy.CopyFrom(node)

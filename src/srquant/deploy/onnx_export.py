@@ -571,6 +571,29 @@ def export_onnx(
     return report
 
 
+def float_onnx_bytes(model: nn.Module, size: tuple[int, int] | None = None) -> bytes:
+    """The network with quantization off as plain float ONNX bytes (the FP32 baseline); networks that pad
+    inside their forward are traced for one LR `size`, the others with dynamic height and width."""
+    dynamic = int(getattr(model, "pad_multiple", 1)) == 1
+    height, width = size if size is not None else (64, 64)
+    sample = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    return _float_onnx(model.eval(), sample, dynamic)
+
+
+def rewrite_float_graph(data: bytes, branch_min_group_outputs: int | None = None) -> tuple[bytes, list[str]]:
+    """A float graph with the integer graph's exact layout rewrites (grouped convs with at least
+    `branch_min_group_outputs` outputs per group as branches, channels-last pixel shuffles), and what they
+    changed (empty when nothing applies)."""
+    import onnx
+
+    graph_model = onnx.load_from_string(data)
+    changed = split_grouped_chains(graph_model.graph, branch_min_group_outputs)
+    changed += nhwc_pixel_shuffle(graph_model.graph)
+    sort_topologically(graph_model.graph)
+    onnx.checker.check_model(graph_model)
+    return graph_model.SerializeToString(), changed
+
+
 def export_float_onnx(
     model: nn.Module,
     path: str | Path,
@@ -578,25 +601,12 @@ def export_float_onnx(
     layout_rewrites: bool = False,
     branch_min_group_outputs: int | None = None,
 ) -> list[str]:
-    """The same network with quantization off, as a plain float ONNX graph (the FP32 baseline). With
-    `layout_rewrites`, the same exact rewrites as the integer graph (grouped convs with at least
-    `branch_min_group_outputs` outputs per group as branches, channels-last pixel shuffles) are applied;
-    returns what they changed (empty when nothing applies)."""
-    dynamic = int(getattr(model, "pad_multiple", 1)) == 1
-    height, width = size if size is not None else (64, 64)
-    sample = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    """Write the float graph (`float_onnx_bytes`), with the layout rewrites if asked (`rewrite_float_graph`);
+    returns what they changed."""
+    data, changed = float_onnx_bytes(model, size), []
+    if layout_rewrites:
+        data, changed = rewrite_float_graph(data, branch_min_group_outputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = _float_onnx(model.eval(), sample, dynamic)
-    changed: list[str] = []
-    if layout_rewrites:
-        import onnx
-
-        graph_model = onnx.load_from_string(data)
-        changed = split_grouped_chains(graph_model.graph, branch_min_group_outputs)
-        changed += nhwc_pixel_shuffle(graph_model.graph)
-        sort_topologically(graph_model.graph)
-        onnx.checker.check_model(graph_model)
-        data = graph_model.SerializeToString()
     path.write_bytes(data)
     return changed

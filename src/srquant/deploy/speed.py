@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from srquant.deploy.onnx_export import ExportReport, export_float_onnx, export_onnx
+from srquant.deploy.onnx_export import ExportReport, export_onnx, float_onnx_bytes, rewrite_float_graph
 from srquant.deploy.ort_runtime import OrtUpscaler
 from srquant.errors import SrquantError
 
@@ -182,13 +182,14 @@ def fp32_graphs(
 ) -> dict[str, tuple[Path, tuple[str, ...]]]:
     """The FP32 graphs to time (`FP32_LAYOUTS`), each with its optimisation levels; a rewritten graph is kept
     only if the rewrites changed something that the previous graphs do not already have."""
+    plain = float_onnx_bytes(model, size)  # traced once; each rewrite starts from a copy
     graphs: dict[str, tuple[Path, tuple[str, ...]]] = {}
     seen: list[list[str]] = []
     for kind, branch_min in FP32_LAYOUTS.items():
-        path = folder / f"{kind}.onnx"
-        rewrite = branch_min is not None
-        changed = export_float_onnx(model, path, size, layout_rewrites=rewrite, branch_min_group_outputs=branch_min)
+        data, changed = (plain, []) if branch_min is None else rewrite_float_graph(plain, branch_min)
         if changed not in seen:  # the plain graph changes nothing; a rewrite that changes nothing is the same graph
+            path = folder / f"{kind}.onnx"
+            path.write_bytes(data)
             graphs[kind] = (path, FP32_LEVELS)
             seen.append(changed)
     return graphs

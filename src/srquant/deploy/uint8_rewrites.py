@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from srquant.deploy.layout_rewrites import GraphIndex
+
 SINKABLE = ("DepthToSpace", "Relu", "Split", "Resize")  # exact on a uint8 grid (Resize in nearest mode only)
 
 
@@ -119,8 +121,7 @@ def requantize_in_uint8(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
     unit reads three tensors on one grid). onnxruntime fuses neither away, so they ran as a float round trip.
     Returns the replaced QuantizeLinear nodes.
     """
-    grid = _Uint8Grids(graph)
-    producers = {t: n for n in graph.node for t in n.output}
+    grid, producers = _Uint8Grids(graph), GraphIndex(graph).producer  # stays valid: only Q nodes are removed
     replaced = []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         dq = producers.get(q.input[0])
@@ -145,19 +146,13 @@ def concat_in_uint8(graph) -> list[str]:  # noqa: ANN001 - onnx GraphProto
     """
     from onnx import helper
 
-    grid = _Uint8Grids(graph)
-    producers = {t: n for n in graph.node for t in n.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for tensor in set(node.input):
-            readers.setdefault(tensor, []).append(node)
-    outputs = {o.name for o in graph.output}
+    grid, index = _Uint8Grids(graph), GraphIndex(graph)  # stays valid: only Concat, Q are removed
     rewritten = []
     for concat in [n for n in graph.node if n.op_type == "Concat"]:
-        found = readers.get(concat.output[0], [])
-        if len(found) != 1 or found[0].op_type != "QuantizeLinear" or concat.output[0] in outputs:
+        q = index.sole_reader(concat.output[0])
+        if q is None or q.op_type != "QuantizeLinear":
             continue
-        q, sources = found[0], [producers.get(t) for t in concat.input]
+        sources = [index.producer.get(t) for t in concat.input]
         target = grid(q)
         if target is None or any(d is None or d.op_type != "DequantizeLinear" or grid(d) is None for d in sources):
             continue
