@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import HAVE_ASSETS, SKIP_REASON
 
-from srquant.deploy.onnx_export import conv_params, export_float_onnx, export_onnx
+from srquant.deploy.onnx_export import conv_params, export_float_onnx, export_gaps, export_onnx
 from srquant.deploy.ort_runtime import ort_session
 from srquant.deploy.speed import bench_onnxruntime, median_latencies, parse_size
 from srquant.errors import SrquantError
@@ -33,19 +33,22 @@ def smooth_batches(count: int = 3, size: int = 24) -> list[torch.Tensor]:
 
 
 def quantized_tiny(name: str = "imdn", **spec: object) -> torch.nn.Module:
-    """A tiny zoo network quantized W8A8 (fully, symmetric weights, simulated outputs) and calibrated."""
+    """A tiny zoo network quantized W7A8 (fully, symmetric per-channel weights whose codes stay within +-63, which
+    int8 kernels add without saturating on every CPU; simulated outputs) and calibrated."""
     torch.manual_seed(0)
     model = build_model(name, 4, tiny=True).eval()
     options: dict[str, object] = {"full": True, "weight_quantizer": "symmetric", "output_bits": 8, "matmul": False}
+    options["full_w_bits"] = spec.get("w_bits", 7)
     options.update(spec)
-    quantize_(model, QuantSpec(options.pop("w_bits", 8), options.pop("a_bits", 8), **options), get_entry(name).layout)  # type: ignore[arg-type]
+    quantize_(model, QuantSpec(options.pop("w_bits", 7), options.pop("a_bits", 8), **options), get_entry(name).layout)  # type: ignore[arg-type]
     calibrate(model, smooth_batches(), "minmax")
     return model
 
 
-def test_integer_graph_runs_qlinearconv_and_matches_the_fake_quant_model(tmp_path: Path) -> None:
-    model = quantized_tiny()
-    report = export_onnx(model, tmp_path / "q.onnx")
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_integer_graph_runs_qlinearconv_and_matches_the_fake_quant_model(tmp_path: Path, granularity: str) -> None:
+    model = quantized_tiny(weight_granularity=granularity)
+    report = export_onnx(model, tmp_path / "q.onnx", allow_inexact=True)  # exact; only the glue stays float
     assert len(report.simulated_outputs) == len(report.convs) == len(conv_params(model))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -82,7 +85,7 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = quantized_tiny("carn-m")
-    report = export_onnx(model, tmp_path / "sunk.onnx", layout_rewrites=False)  # keeps the DepthToSpace ops
+    report = export_onnx(model, tmp_path / "sunk.onnx", layout_rewrites=False, allow_inexact=True)  # keeps D2S ops
     graph = onnx.load(tmp_path / "sunk.onnx").graph
     moved = [node for node in graph.node if node.name in report.sunk_dequantize]
     assert {node.op_type for node in moved} == {"Max", "DepthToSpace"}  # ReLU became max(q, zero point)
@@ -90,7 +93,7 @@ def test_dequantize_moves_past_relu_and_depth_to_space_without_changing_the_outp
         readers = {n.op_type for n in graph.node if node.output[0] in n.input}
         assert readers and readers <= {"DequantizeLinear", "Max", "DepthToSpace", "QLinearLeakyRelu"}
     monkeypatch.setattr("srquant.deploy.onnx_export.sink_dequantize", lambda graph: [])
-    export_onnx(model, tmp_path / "plain.onnx", layout_rewrites=False)
+    export_onnx(model, tmp_path / "plain.onnx", layout_rewrites=False, allow_inexact=True)
     x = smooth_batches(1, 20)[0].numpy()
     sunk = ort_session(tmp_path / "sunk.onnx", 1).run(None, {"lr": x})[0]
     plain = ort_session(tmp_path / "plain.onnx", 1).run(None, {"lr": x})[0]
@@ -137,7 +140,7 @@ def test_quantized_glue_runs_on_uint8_kernels_and_matches_the_fake_quant_model(n
 
 
 def test_narrow_convs_run_widened_with_the_same_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = quantized_tiny("pan")  # 8 features: every conv is narrower than 16 outputs
+    model = quantized_tiny("pan", glue_bits=8)  # 8 features: every conv is narrower than 16 outputs
     report = export_onnx(model, tmp_path / "wide.onnx")
     assert "conv_last" in report.widened_convs
     graph = onnx.load(tmp_path / "wide.onnx").graph
@@ -155,7 +158,7 @@ def test_narrow_convs_run_widened_with_the_same_output(tmp_path: Path, monkeypat
 
 def test_a_module_called_several_times_runs_on_the_integer_kernel_at_every_call(tmp_path: Path) -> None:
     model = quantized_tiny("carn-m")  # each cascading block calls its one residual unit three times
-    report = export_onnx(model, tmp_path / "q.onnx")
+    report = export_onnx(model, tmp_path / "q.onnx", allow_inexact=True)  # exact; only the glue stays float
     assert report.convs.count("b1.b1.body.0") == 3
     ops = optimized_ops(tmp_path / "q.onnx", tmp_path)
     assert ops.count("QLinearConv") == len(report.convs)
@@ -168,7 +171,7 @@ def test_a_module_called_several_times_runs_on_the_integer_kernel_at_every_call(
 
 
 def test_grouped_convs_run_dense_with_the_same_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = quantized_tiny("carn-m")  # its residual units and upsamplers use groups=4
+    model = quantized_tiny("carn-m", glue_bits=8)  # its residual units and upsamplers use groups=4
     export_onnx(model, tmp_path / "dense.onnx")
     graph = onnx.load(tmp_path / "dense.onnx").graph
     weights = {init.name: init for init in graph.initializer}
@@ -279,7 +282,7 @@ def test_linear_layers_and_attention_matmuls_run_on_integer_kernels(
 
 
 def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:
-    model = quantized_tiny()
+    model = quantized_tiny(glue_bits=8)
     export_float_onnx(model, tmp_path / "f.onnx")
     x = smooth_batches(1, 16)[0]
     out = ort_session(tmp_path / "f.onnx", 1).run(None, {"lr": x.numpy()})[0]
@@ -291,7 +294,7 @@ def test_float_graph_equals_the_float_network(tmp_path: Path) -> None:
 
 
 def test_exported_graph_opens_in_a_fresh_process_without_srquant(tmp_path: Path) -> None:
-    model = quantized_tiny()
+    model = quantized_tiny(glue_bits=8)
     export_onnx(model, tmp_path / "q.onnx")
     script = (
         "import sys, numpy as np, onnxruntime as ort\n"
@@ -326,10 +329,23 @@ def test_export_refuses_what_has_no_static_integer_graph(tmp_path: Path) -> None
 
 def test_unsimulated_outputs_need_calibration_images(tmp_path: Path) -> None:
     model = quantized_tiny(output_bits=None)
-    with pytest.raises(SrquantError, match="no simulated output quantizer"):
+    with pytest.raises(SrquantError, match="outputs are not simulated .use --output-bits 8"):
         export_onnx(model, tmp_path / "q.onnx")
-    report = export_onnx(model, tmp_path / "q.onnx", smooth_batches())
+    with pytest.raises(SrquantError, match="no simulated output quantizer"):
+        export_onnx(model, tmp_path / "q.onnx", allow_inexact=True)
+    report = export_onnx(model, tmp_path / "q.onnx", smooth_batches(), allow_inexact=True)
     assert report.calibrated_outputs and not report.simulated_outputs
+
+
+def test_export_names_what_would_make_the_graph_inexact_or_slow(tmp_path: Path) -> None:
+    ready = quantized_tiny(glue_bits=8)
+    assert export_gaps(ready) == []  # W7 symmetric weights, simulated outputs, quantized glue
+    gaps = export_gaps(quantized_tiny(w_bits=8))
+    assert any("beyond +-64" in gap for gap in gaps)  # 8-bit codes: int16 pair sums of u8 x s8 kernels saturate
+    assert any("--glue-bits 8" in gap for gap in gaps)
+    assert any("asymmetric weights" in gap for gap in export_gaps(quantized_tiny(weight_quantizer="asymmetric")))
+    with pytest.raises(SrquantError, match="would export inexact or slow: .*beyond \\+-64"):
+        export_onnx(quantized_tiny(w_bits=8, glue_bits=8), tmp_path / "w8.onnx")
 
 
 def test_padding_networks_export_for_one_size(tmp_path: Path) -> None:
@@ -344,7 +360,7 @@ def test_padding_networks_export_for_one_size(tmp_path: Path) -> None:
 
 def test_speed_report_has_the_documented_keys(tmp_path: Path) -> None:
     model = quantized_tiny()
-    result = bench_onnxruntime(model, (16, 16), threads=1, runs=1, calib_inputs=None, psnr=None)
+    result = bench_onnxruntime(model, (16, 16), threads=1, runs=1, calib_inputs=None, psnr=None, allow_inexact=True)
     record = result.to_json()
     for key in ("backend", "fp32_ms", "int_ms", "speedup", "psnr_delta_db", "peak_mb"):
         assert key in record
@@ -373,7 +389,7 @@ def test_cli_export_and_bench_speed_on_a_real_network(tmp_path: Path, assets: Pa
     ckpt, onnx_path, record = tmp_path / "imdn.pt", tmp_path / "imdn.onnx", tmp_path / "speed.json"
     common = ["--assets", str(assets)]
     args = ["quantize", "--model", "imdn", "--scale", "4", "--method", "minmax", "--wbits", "8", "--abits", "8"]
-    args += ["--full", "--weight-quantizer", "symmetric", "--output-bits", "8", "-o", str(ckpt), "--no-progress"]
+    args += ["--deploy", "onnxruntime", "-o", str(ckpt), "--no-progress", "--device", "cpu"]
     assert main(args + common) == 0
     assert main(["export", "--model", str(ckpt), "-o", str(onnx_path)] + common) == 0
     assert onnx_path.stat().st_size > 0

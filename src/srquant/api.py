@@ -1,8 +1,16 @@
-"""The Python API in a few calls: load a zoo model, upscale an image, evaluate on benchmarks, make LR sets."""
+"""Everything a user can do, one function per task; the CLI parses arguments and calls exactly one of these.
+
+`load_model` (a zoo network), `quantize` (quantize, calibrate and optionally save), `load_quantized`,
+`open_model` (a zoo name or a quantized checkpoint), `evaluate` / `evaluate_model` (benchmarks),
+`upscale_image` / `upscale_file`, `write_lr_set`, `export_quantized`, `bench_speed`, `list_models`.
+Every function that runs a network takes `device` ("auto", "cpu", "cuda", "cuda:N").
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +25,63 @@ from srquant.data.io import read_image, to_tensor, to_uint8, write_image
 from srquant.deploy.onnx_export import ExportReport, export_onnx
 from srquant.deploy.speed import SpeedReport, bench_onnxruntime
 from srquant.errors import SrquantError
-from srquant.evaluate import DatasetResult, evaluate
-from srquant.methods.dynamic import DynamicController, eval_hooks, load_dynamic
-from srquant.methods.pipeline import QuantizationResult, quantize_model
+from srquant.evaluate import DatasetResult, evaluate, image_metrics_of, model_device
+from srquant.methods.pipeline import (
+    LoadedCheckpoint,
+    QuantizationResult,
+    load_checkpoint,
+    load_quantized,
+    quantize_model,
+)
+from srquant.methods.registry import get_method, method_names
 from srquant.models.inference import upscale
-from srquant.models.registry import create_model, get_entry
+from srquant.models.registry import REGISTRY, checkpoint_path, create_model, get_entry
+from srquant.quant.accounting import Cost, layer_bits, model_cost
+from srquant.quant.quantize import GLUE_HOOK_SUFFIX
 from srquant.quant.spec import QuantSpec
+
+__all__ = [
+    "DatasetResult",
+    "ModelEvaluation",
+    "OpenedModel",
+    "QuantizationResult",
+    "bench_speed",
+    "evaluate",
+    "evaluate_model",
+    "export_quantized",
+    "list_methods",
+    "list_models",
+    "load_model",
+    "load_quantized",
+    "open_model",
+    "quantize",
+    "resolve_device",
+    "upscale",
+    "upscale_file",
+    "upscale_image",
+    "write_lr_set",
+]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """ "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; one line for a device not here."""
+    if isinstance(device, torch.device):
+        return device
+    text = (device or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise SrquantError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SrquantError(f"device {device!r} asked for, but this machine has no CUDA GPU (use --device cpu)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise SrquantError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPUs exist")
+    elif chosen.type != "cpu":
+        raise SrquantError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return chosen
 
 
 def load_model(
@@ -31,13 +90,25 @@ def load_model(
     assets: str | Path | None = None,
     weights: str | Path | None = None,
     download: bool = False,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """A zoo model with its pretrained (or given) weights, in eval mode."""
-    return create_model(name, scale, assets=assets, weights=weights, allow_download=download)
+    """A zoo model with its pretrained (or given) weights, in eval mode, on `device`."""
+    model = create_model(name, scale, assets=assets, weights=weights, allow_download=download)
+    return model.to(resolve_device(device))
+
+
+def calibration_folder(calib: str | Path | None, assets: str | Path | None) -> Path:
+    """The calibration images: `calib`, else `<assets>/calibration/train291`; one line when it is missing."""
+    folder = Path(calib) if calib is not None else asset_dir(assets) / "calibration" / "train291"
+    if not folder.is_dir():
+        raise SrquantError(
+            f"calibration folder {folder} not found; pass --calib DIR (training images, not a benchmark)"
+        )
+    return folder
 
 
 def quantize(
-    name: str,
+    model: str,
     scale: int,
     method: str,
     w_bits: int,
@@ -45,40 +116,226 @@ def quantize(
     calib: str | Path | None = None,
     preset: str = "cpu",
     assets: str | Path | None = None,
+    device: str | torch.device = "auto",
     full: bool = False,
-    progress: bool = False,
     weight_quantizer: str = "asymmetric",
+    weight_granularity: str | None = None,
     output_bits: int | None = None,
     glue_bits: int | None = None,
-    **overrides: object,
+    matmul: bool = True,
+    weights: str | Path | None = None,
+    output: str | Path | None = None,
+    progress: bool = False,
+    deploy: str | None = None,
+    **overrides: Any,
 ) -> QuantizationResult:
-    """Load a zoo model and quantize it by `method` (see `METHODS`, e.g. 2dquant, adabm, granular-dq).
-
-    The CLI's `quantize`; write the result with `save_quantized(result.model, ..., result.spec, meta,
-    result.dynamic)`.
+    """Load a zoo model and quantize it by a registered `method` (minmax, percentile, dobi, 2dquant, adabm,
+    granular-dq, ...) with the `preset` schedule; write the checkpoint to `output` when given.
 
     Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a benchmark set.
+    `weight_granularity` None takes the preset's choice (the papers' presets: per tensor; srquant's: per
+    channel). `overrides` replace fields of the method's config (e.g. iterations, batch_size, seed).
+    `deploy="onnxruntime"` sets the recipe whose integer graph computes exactly what the model computes and runs
+    in uint8 between its kernels (`DEPLOY_RECIPES`); it needs a8 and a fixed-bit method.
     """
+    plugin = get_method(method)
     root = asset_dir(assets)
-    folder = Path(calib) if calib is not None else root / "calibration" / "train291"
-    model = load_model(name, scale, assets)
-    spec = QuantSpec(
-        w_bits, a_bits, full=full, weight_quantizer=weight_quantizer, output_bits=output_bits, glue_bits=glue_bits
+    folder = calibration_folder(calib, assets)
+    network = None
+    fields: dict[str, Any] = {
+        "full": full,
+        "weight_quantizer": weight_quantizer,
+        "weight_granularity": weight_granularity or plugin.default_granularity(preset),
+        "output_bits": output_bits,
+        "glue_bits": glue_bits,
+        "matmul": matmul,
+    }
+    if deploy is not None:
+        if plugin.dynamic:
+            raise SrquantError(f"--deploy needs a fixed-bit method: {method}'s bits change per image or patch")
+        network = load_model(model, scale, assets, weights, device=device)
+        w_bits, fields = deploy_recipe(deploy, network, w_bits, a_bits, fields)
+    try:
+        spec = QuantSpec(w_bits, a_bits, **fields)
+    except ValueError as err:
+        raise SrquantError(str(err)) from None
+    plugin.config(preset, overrides)  # a bad preset or override fails before the network is loaded
+    network = network if network is not None else load_model(model, scale, assets, weights, device=device)
+    result = quantize_model(
+        network, get_entry(model).layout, method, spec, folder, preset, root / "datasets", progress, **overrides
     )
-    return quantize_model(
-        model, get_entry(name).layout, method, spec, folder, preset, root / "datasets", progress, **overrides
-    )
+    if output is not None:
+        result.save(output)
+    return result
+
+
+DEPLOY_RECIPES = ("onnxruntime",)
+DEPLOY_WEIGHT_BITS = 7  # int8 codes within +-63: u8 x s8 kernels without VNNI add pairs in int16 without saturating
+
+
+def deploy_recipe(
+    target: str, network: nn.Module, w_bits: int, a_bits: int, fields: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """The spec fields of an integer-export recipe: every layer W<=7 (int8 storage) A8 with symmetric per-channel
+    weights, simulated outputs, and the tensors between layers quantized where the network marks them."""
+    if target not in DEPLOY_RECIPES:
+        raise SrquantError(f"unknown deploy target {target!r}; choose from {', '.join(DEPLOY_RECIPES)}")
+    if a_bits != 8:
+        raise SrquantError(f"--deploy {target} runs uint8 activations: use --abits 8, not {a_bits}")
+    bits = min(w_bits, DEPLOY_WEIGHT_BITS)
+    has_glue = any(name.endswith(GLUE_HOOK_SUFFIX) for name, _ in network.named_modules())
+    recipe = {
+        **fields,
+        "full": True,
+        "full_w_bits": bits,
+        "weight_quantizer": "symmetric",
+        "output_bits": 8,
+        "glue_bits": 8 if has_glue else None,
+    }
+    return bits, recipe
+
+
+@dataclass
+class OpenedModel:
+    """A model to run: a zoo network or a quantized checkpoint, with what to call it and its quantized network."""
+
+    model: nn.Module
+    network: nn.Module
+    label: str
+    checkpoint: LoadedCheckpoint | None = None
+
+
+def is_checkpoint_reference(reference: str | Path) -> bool:
+    """A zoo name wins over a file of the same name unless the path has a directory part or a suffix."""
+    text = str(reference)
+    if isinstance(reference, Path) or "/" in text or os.sep in text or Path(text).suffix:
+        return True
+    try:
+        get_entry(text)
+    except SrquantError:
+        return Path(text).is_file()
+    return False
+
+
+def open_model(
+    reference: str | Path,
+    scale: int,
+    assets: str | Path | None = None,
+    weights: str | Path | None = None,
+    download: bool = False,
+    device: str | torch.device = "auto",
+) -> OpenedModel:
+    """A zoo model by name, or a quantized checkpoint file (it must be a x`scale` model)."""
+    target = resolve_device(device)
+    if is_checkpoint_reference(reference):
+        if weights:
+            raise SrquantError("--weights applies to zoo models, not to a quantized checkpoint")
+        loaded = load_checkpoint(reference, target)
+        if loaded.scale != scale:
+            raise SrquantError(f"{reference} is a x{loaded.scale} model, but x{scale} was asked for")
+        return OpenedModel(loaded.model, loaded.network, loaded.label(reference), loaded)
+    model = load_model(str(reference), scale, assets, weights, download, target)
+    return OpenedModel(model, model, str(reference))
+
+
+@dataclass
+class ModelEvaluation:
+    """`srquant eval`'s result: what was evaluated, its cost, the scores, and per-image bits of dynamic models."""
+
+    label: str
+    description: str
+    cost: Cost
+    results: list[DatasetResult]
+    bits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _describe(opened: OpenedModel) -> tuple[str, dict[str, Any]]:
+    """A one-phrase description (bits, method) and the fixed per-result fields (bits, size, BitOPs)."""
+    bits = layer_bits(opened.network)
+    w_bits = max((w for w, _ in bits.values()), default=32)
+    a_bits = max((a for _, a in bits.values()), default=32)
+    text = f"W{w_bits}A{a_bits}" if bits else "float"
+    if opened.checkpoint is not None and get_method(opened.checkpoint.method).dynamic:
+        text = f"{opened.checkpoint.method}, W{w_bits}, activation bits per image or patch (up to A{a_bits})"
+    return text, {"wbits": w_bits, "abits": a_bits}
+
+
+def evaluate_model(
+    reference: str | Path,
+    scale: int,
+    datasets: list[str],
+    conventions: list[str] | tuple[str, ...] = ("basicsr",),
+    assets: str | Path | None = None,
+    tile: int | None = None,
+    weights: str | Path | None = None,
+    download: bool = False,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    record_bits: bool = False,
+    bitmap_dir: str | Path | None = None,
+) -> ModelEvaluation:
+    """`srquant eval`: a zoo model or quantized checkpoint on benchmark sets, with its size and BitOPs.
+
+    Dynamic-bit models report each image's FAB and BitOPs (averaged per set); with `record_bits` each image's
+    bits are returned; with `bitmap_dir` models that draw bit maps write one PNG per image under
+    `bitmap_dir/<dataset>/`.
+    """
+    for name in datasets:
+        BenchmarkSet.from_assets(name, assets)  # every set is located before the model is loaded
+    opened = open_model(reference, scale, assets, weights, download, device)
+    model = opened.model
+    recorder = getattr(model, "image_record", None)
+    painter = getattr(model, "bit_map", None)
+    if record_bits and not callable(recorder):
+        raise SrquantError("bit records need a dynamic-bit model (quantized with a method whose bits vary per image)")
+    if bitmap_dir is not None and not callable(painter):
+        raise SrquantError("bit maps need a model whose bits vary per patch (e.g. quantized with granular-dq)")
+    measure = image_metrics_of(model)
+    bits: dict[str, dict[str, Any]] = {}
+    results: list[DatasetResult] = []
+    for dataset in datasets:
+
+        def per_image(name: str, lr: torch.Tensor, dataset: str = dataset) -> dict[str, float]:
+            if record_bits:
+                bits.setdefault(dataset, {})[name] = recorder(lr)  # type: ignore[misc]
+            if bitmap_dir is not None:
+                write_image(Path(bitmap_dir) / dataset / f"{name}.png", painter(lr))  # type: ignore[misc]
+            return measure(name, lr) if measure is not None else {}
+
+        results += evaluate(model, [dataset], scale, conventions, assets, tile, progress, per_image)
+    cost = model_cost(opened.network, scale)
+    description, fixed = _describe(opened)
+    for result in results:
+        # a dynamic model's measured FAB / BitOPs take precedence over the fixed-bit accounting
+        result.extras = {**fixed, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g, **result.extras}
+    return ModelEvaluation(opened.label, description, cost, results, bits)
 
 
 def upscale_image(model: nn.Module, image: np.ndarray | str | Path, tile: int | None = None) -> np.ndarray:
     """Super-resolve an HxWx3 uint8 image (or an image file) to an (sH)x(sW)x3 uint8 image."""
     lr = read_image(image) if isinstance(image, str | Path) else image
-    return to_uint8(upscale(model, to_tensor(lr), tile=tile))
+    return to_uint8(upscale(model, to_tensor(lr).to(model_device(model)), tile=tile))
 
 
-def upscale_file(model: nn.Module, src: str | Path, dst: str | Path, tile: int | None = None) -> None:
-    """Read an image file, super-resolve it and write the result."""
-    write_image(dst, upscale_image(model, src, tile))
+def upscale_file(
+    model: nn.Module | str | Path,
+    src: str | Path,
+    dst: str | Path,
+    scale: int | None = None,
+    tile: int | None = None,
+    assets: str | Path | None = None,
+    weights: str | Path | None = None,
+    download: bool = False,
+    device: str | torch.device = "auto",
+) -> Path:
+    """Read an image file, super-resolve it with a model (or a zoo name / checkpoint at `scale`), write it."""
+    if not isinstance(model, nn.Module):
+        if scale is None:
+            raise SrquantError("upscaling by a model name or checkpoint needs the scale")
+        model = open_model(model, scale, assets, weights, download, device).model
+    image = read_image(src)
+    write_image(dst, upscale_image(model, image, tile))
+    return Path(dst)
 
 
 def write_lr_set(dataset: str, scale: int, out: str | Path, assets: str | Path | None = None) -> list[Path]:
@@ -92,61 +349,15 @@ def write_lr_set(dataset: str, scale: int, out: str | Path, assets: str | Path |
     return written
 
 
-__all__ = [
-    "DatasetResult",
-    "bench_speed",
-    "evaluate",
-    "export_quantized",
-    "load_model",
-    "quantize",
-    "upscale",
-    "upscale_file",
-    "upscale_image",
-    "write_lr_set",
-]
-
-
-def load_quantized_model(path: str | Path) -> tuple[nn.Module, dict[str, Any], DynamicController | None]:
-    """A quantized checkpoint with its dynamic-bit controller restored: (model, record, controller or None)."""
-    return load_dynamic(path)
-
-
-def evaluate_quantized(
-    path: str | Path,
-    datasets: list[str],
-    scale: int,
-    conventions: tuple[str, ...] = ("basicsr",),
-    assets: str | Path | None = None,
-    progress: bool = False,
-    bit_log: dict[str, dict[str, dict[str, Any]]] | None = None,
-    bitmap_dir: str | Path | None = None,
-) -> list[DatasetResult]:
-    """Evaluate a quantized checkpoint as `srquant eval --model PATH` does.
-
-    Dynamic-bit models report per-image `fab` and `bitops_g` (averaged in `extras`); Granular-DQ models run
-    patch-wise (96 px LR patches, step 90). `bit_log[dataset][image]` receives each image's bits; with
-    `bitmap_dir`, Granular-DQ bit maps are written to `bitmap_dir/<dataset>/<image>.png`.
-    """
-    model, _, controller = load_dynamic(path)
-    results = []
-    for dataset in datasets:
-        log = bit_log.setdefault(dataset, {}) if bit_log is not None and controller is not None else None
-        maps = Path(bitmap_dir) / dataset if bitmap_dir is not None else None
-        upscaler, measure = eval_hooks(model, controller, scale, log, maps)
-        results += evaluate(model, [dataset], scale, conventions, assets, None, progress, measure, upscaler)
-    return results
-
-
 def _fixed_bit_model(path: str | Path) -> nn.Module:
-    """A quantized checkpoint that has one static integer graph; dynamic-bit models are refused in one line."""
-    model, record, controller = load_dynamic(path)
-    if controller is not None:
-        method = record.get("meta", {}).get("method", "a dynamic method")
+    """A quantized checkpoint that has one static integer graph, on the CPU; dynamic-bit models are refused."""
+    loaded = load_checkpoint(path, "cpu")
+    if get_method(loaded.method).dynamic:
         raise SrquantError(
-            f"{path} is a dynamic-bit model ({method}): its bits change per image or patch, and onnxruntime has no "
-            "per-sample bit switching; export a fixed-bit model (docs/deploy.md)"
+            f"{path} is a dynamic-bit model ({loaded.method}): its bits change per image or patch, and onnxruntime "
+            "has no per-sample bit switching; export a fixed-bit model (docs/deploy.md)"
         )
-    return model
+    return loaded.model
 
 
 def calibration_inputs(
@@ -154,7 +365,7 @@ def calibration_inputs(
 ) -> list[torch.Tensor] | None:
     """LR crops from the calibration folder (default `<assets>/calibration/train291`), or None if absent."""
     try:
-        root = asset_dir(assets)
+        root: Path | None = asset_dir(assets)
     except SrquantError:
         if calib is None:
             return None
@@ -173,10 +384,13 @@ def export_quantized(
     size: tuple[int, int] | None = None,
     calib: str | Path | None = None,
     assets: str | Path | None = None,
+    allow_inexact: bool = False,
 ) -> ExportReport:
-    """`srquant export`: a fixed-bit A8 checkpoint as an integer QDQ ONNX graph for onnxruntime."""
+    """`srquant export`: a fixed-bit A8 checkpoint as an integer QDQ ONNX graph for onnxruntime (CPU)."""
     model = _fixed_bit_model(path)
-    return export_onnx(model, out, calibration_inputs(int(model.scale), calib, assets), size)
+    return export_onnx(
+        model, out, calibration_inputs(int(model.scale), calib, assets), size, allow_inexact=allow_inexact
+    )
 
 
 def bench_speed(
@@ -187,19 +401,64 @@ def bench_speed(
     assets: str | Path | None = None,
     calib: str | Path | None = None,
     psnr_dataset: str | None = "Set5",
+    allow_inexact: bool = False,
 ) -> SpeedReport:
     """`srquant bench-speed`: integer vs fastest FP32 onnxruntime latency, peak memory, and the PSNR change."""
     model = _fixed_bit_model(path)
     scale = int(model.scale)
 
-    def psnr(upscaler: Any) -> float:
-        return evaluate(model, [psnr_dataset], scale, ["basicsr"], assets, progress=False, upscaler=upscaler)[0].psnr
+    def psnr(candidate: nn.Module) -> float:
+        return evaluate(candidate, [psnr_dataset], scale, ["basicsr"], assets, progress=False)[0].psnr  # type: ignore[list-item]
 
+    score: Callable[[nn.Module], float] | None = psnr if psnr_dataset else None
     return bench_onnxruntime(
         model,
         size,
         threads or os.cpu_count() or 1,
         runs,
         calibration_inputs(scale, calib, assets),
-        psnr if psnr_dataset else None,
+        score,
+        allow_inexact=allow_inexact,
     )
+
+
+@dataclass(frozen=True)
+class ZooRow:
+    """One zoo entry as `srquant models` lists it."""
+
+    name: str
+    kind: str
+    scales: tuple[int, ...]
+    local: tuple[int, ...]
+    note: str
+
+
+def list_models(assets: str | Path | None = None) -> tuple[Path, list[ZooRow]]:
+    """The asset directory and every zoo entry with the scales whose weights are available locally."""
+    root = asset_dir(assets)
+    rows = []
+    for entry in REGISTRY.values():
+        local = []
+        for scale in entry.scales:
+            try:
+                checkpoint_path(entry, scale, assets, allow_download=False)
+                local.append(scale)
+            except SrquantError:
+                pass
+        rows.append(ZooRow(entry.name, entry.kind, entry.scales, tuple(local), entry.note))
+    return root, rows
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One registered method as `srquant methods` lists it."""
+
+    name: str
+    dynamic: bool
+    presets: tuple[str, ...]
+    summary: str
+
+
+def list_methods() -> list[MethodRow]:
+    """Every registered quantization method with its presets."""
+    return [MethodRow(m.name, m.dynamic, tuple(m.presets), m.summary) for m in (get_method(n) for n in method_names())]

@@ -1,4 +1,4 @@
-"""Command-line interface: parse arguments, call the API, print. Bad input exits 2 with one line on stderr."""
+"""Command-line interface: parse arguments, call one API function, print. Bad input exits 2 with one line on stderr."""
 
 from __future__ import annotations
 
@@ -9,21 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch import nn
-
 from srquant import api
-from srquant.assets import asset_dir
-from srquant.data.io import read_image, to_tensor, to_uint8, write_image
 from srquant.deploy.speed import parse_size
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
-from srquant.methods.dynamic import DynamicController, eval_hooks, load_dynamic
-from srquant.methods.granular_dq import GranularityBitController, upscale_patchwise
-from srquant.methods.pipeline import METHODS, PRESETS, quantize_model
-from srquant.models.registry import REGISTRY, checkpoint_path, get_entry
-from srquant.quant.accounting import layer_bits, model_cost
-from srquant.quant.checkpoint import save_quantized
-from srquant.quant.spec import QuantSpec
+from srquant.methods.registry import method_names, preset_names
 from srquant.runtime import tune_allocator
 
 
@@ -51,12 +41,17 @@ def _comma_list(text: str) -> list[str]:
     return items
 
 
+def _add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo model name (see `srquant models`) or a quantized .pt")
     parser.add_argument("--scale", type=_positive_int, required=True, help="upscaling factor")
     parser.add_argument("--weights", help="load this checkpoint instead of the registry's (strictly)")
     parser.add_argument("--download", action="store_true", help="fetch a missing checkpoint (sha256-verified)")
     parser.add_argument("--tile", type=_positive_int, help="tiled inference with this LR tile size")
+    _add_device_arg(parser)
 
 
 def _add_assets_arg(parser: argparse.ArgumentParser) -> None:
@@ -102,18 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="quantize a zoo model and write a quantized checkpoint")
     qz.add_argument("--model", required=True, help="zoo model name")
     qz.add_argument("--scale", type=_positive_int, required=True)
-    qz.add_argument("--method", required=True, choices=METHODS)
+    qz.add_argument("--method", required=True, choices=method_names(), help="see `srquant methods`")
     qz.add_argument("--wbits", type=_positive_int, required=True)
     qz.add_argument("--abits", type=_positive_int, required=True)
     qz.add_argument("--calib", type=Path, help="folder of training images (default: <assets>/calibration/train291)")
     qz.add_argument("-o", "--output", type=Path, required=True)
-    qz.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="calibration schedule (default: cpu)")
+    qz.add_argument(
+        "--preset",
+        default="cpu",
+        choices=preset_names(),
+        help="the method's schedule: cpu (default), gpu, paper, code (see `srquant methods`)",
+    )
     qz.add_argument("--full", action="store_true", help="also run head/upsampler/tail at W8A8 (fully quantized)")
     qz.add_argument(
         "--weight-quantizer",
         choices=("asymmetric", "symmetric"),
         default="asymmetric",
         help="weight grid of the fixed-bit methods (symmetric weights export to int8 exactly; default asymmetric)",
+    )
+    qz.add_argument(
+        "--weight-granularity",
+        choices=("tensor", "channel"),
+        help="one weight grid per output channel or per tensor (default: the preset's; paper/code presets: tensor)",
     )
     qz.add_argument(
         "--output-bits",
@@ -127,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "at B bits, so an integer runtime stays in uint8 between its kernels (IMDN, PAN, CARN-M)",
     )
     qz.add_argument("--no-matmul", action="store_true", help="leave attention matmul operands in float (transformers)")
+    qz.add_argument(
+        "--deploy",
+        choices=("onnxruntime",),
+        help="the integer-export recipe: every layer W7A8 (int8 codes within +-63), symmetric per-channel weights, "
+        "simulated outputs and uint8 tensors between layers; exact on every x86 CPU (docs/deploy.md)",
+    )
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     qz.add_argument(
         "--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch; Granular-DQ)"
@@ -136,12 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--weights", help="start from this float checkpoint instead of the registry's")
     qz.add_argument("--no-progress", action="store_true")
     _add_assets_arg(qz)
+    _add_device_arg(qz)
 
     ex = sub.add_parser("export", help="write a fixed-bit A8 quantized checkpoint as an integer ONNX (QDQ) graph")
     ex.add_argument("--model", required=True, type=Path, help="quantized checkpoint (.pt from `srquant quantize`)")
     ex.add_argument("-o", "--output", required=True, type=Path, help="the .onnx file to write")
     ex.add_argument("--size", type=_size, help="LR HxW to export for (needed by networks that pad inside)")
     ex.add_argument("--calib", type=Path, help="images for output ranges the model does not simulate")
+    ex.add_argument(
+        "--allow-inexact", action="store_true", help="export even where the integer graph would differ or run slow"
+    )
     _add_assets_arg(ex)
 
     bs = sub.add_parser("bench-speed", help="integer vs FP32 latency, peak memory and PSNR change on one runtime")
@@ -153,10 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--psnr-dataset", default="Set5", help="benchmark for the PSNR change ('none' to skip)")
     bs.add_argument("--calib", type=Path, help="images for output ranges the model does not simulate")
     bs.add_argument("--json", type=Path, help="write the measurement here")
+    bs.add_argument(
+        "--allow-inexact", action="store_true", help="time the graph even where it would differ from the model"
+    )
     _add_assets_arg(bs)
 
     models = sub.add_parser("models", help="list the model zoo and what is available locally")
     _add_assets_arg(models)
+    sub.add_parser("methods", help="list the quantization methods and their presets")
     return parser
 
 
@@ -172,72 +191,35 @@ def format_table(results: Sequence[DatasetResult]) -> str:
     return "\n".join(lines)
 
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, str, DynamicController | None]:
-    """A zoo model by name, or a quantized checkpoint file; returns (model, label, dynamic bit controller)."""
-    path = Path(args.model)
-    if path.suffix in (".pt", ".pth") or path.is_file():
-        if args.weights:
-            raise SrquantError("--weights applies to zoo models, not to a quantized checkpoint")
-        model, record, controller = load_dynamic(path)
-        if int(record["scale"]) != args.scale:
-            raise SrquantError(f"{path} is a x{record['scale']} model, but x{args.scale} was asked for")
-        if isinstance(controller, GranularityBitController) and args.tile:
-            raise SrquantError("--tile does not apply to a Granular-DQ model: it always runs patch-wise (96 px)")
-        return model, f"{record['model']} ({path.name}, {record['meta'].get('method', '?')})", controller
-    return api.load_model(args.model, args.scale, args.assets, args.weights, args.download), args.model, None
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, label, controller = _load_for_eval(args)
-    granular = isinstance(controller, GranularityBitController)
-    if args.bits_json and controller is None:
-        raise SrquantError("--bits-json needs a dynamic-bit model (quantized with --method adabm or granular-dq)")
-    if args.bitmap_dir and not granular:
-        raise SrquantError("--bitmap-dir needs a Granular-DQ model (quantized with --method granular-dq)")
-    bit_logs: dict[str, dict[str, object]] = {}
-    results = []
-    for dataset in args.datasets:
-        log = bit_logs.setdefault(dataset, {}) if controller is not None else None
-        maps = args.bitmap_dir / dataset if args.bitmap_dir else None
-        upscaler, measure = eval_hooks(model, controller, args.scale, log, maps)
-        results += api.evaluate(
-            model,
-            [dataset],
-            args.scale,
-            args.convention,
-            args.assets,
-            args.tile,
-            not args.no_progress,
-            measure,
-            upscaler,
-        )
-    cost = model_cost(model, args.scale)
-    bits = layer_bits(model)
-    w_bits = max((w for w, _ in bits.values()), default=32)
-    a_bits = max((a for _, a in bits.values()), default=32)
-    for result in results:
-        fixed = {"wbits": w_bits, "abits": a_bits, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g}
-        result.extras = {**fixed, **result.extras}  # a dynamic model's measured FAB / BitOPs take precedence
-    if isinstance(controller, GranularityBitController):
-        kind = f"Granular-DQ W{w_bits}, patch-wise bits from {sorted({*controller.gbc_bits, *controller.e2b_bits})}"
-    elif controller is not None:
-        kind = f"dynamic around A{controller.base_bits}"
-    else:
-        kind = f"W{w_bits}A{a_bits}"
-    print(f"{label} x{args.scale}: {kind}, {cost.size_mb:.3f} MB")
-    print(format_table(results))
+    evaluation = api.evaluate_model(
+        args.model,
+        args.scale,
+        args.datasets,
+        args.convention,
+        args.assets,
+        args.tile,
+        args.weights,
+        args.download,
+        args.device,
+        not args.no_progress,
+        record_bits=args.bits_json is not None,
+        bitmap_dir=args.bitmap_dir,
+    )
+    print(f"{evaluation.label} x{args.scale}: {evaluation.description}, {evaluation.cost.size_mb:.3f} MB")
+    print(format_table(evaluation.results))
     if args.bitmap_dir:
         print(f"wrote bit maps under {args.bitmap_dir}")
     if args.bits_json:
         args.bits_json.parent.mkdir(parents=True, exist_ok=True)
-        args.bits_json.write_text(json.dumps(bit_logs, indent=1) + "\n")
+        args.bits_json.write_text(json.dumps(evaluation.bits, indent=1) + "\n")
         print(f"wrote {args.bits_json}")
     if args.json:
         record = {
             "model": args.model,
             "scale": args.scale,
             "convention": ",".join(args.convention),
-            "results": [r.summary() for r in results],
+            "results": [r.summary() for r in evaluation.results],
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
@@ -246,58 +228,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    root = asset_dir(args.assets)
-    calib = args.calib or root / "calibration" / "train291"
-    if not Path(calib).is_dir():
-        raise SrquantError(f"calibration folder {calib} not found; pass --calib DIR (training images, not a benchmark)")
-    entry = get_entry(args.model)
-    model = api.load_model(args.model, args.scale, args.assets, args.weights)
-    try:
-        spec = QuantSpec(
-            w_bits=args.wbits,
-            a_bits=args.abits,
-            full=args.full,
-            weight_quantizer=args.weight_quantizer,
-            output_bits=args.output_bits,
-            glue_bits=args.glue_bits,
-            matmul=not args.no_matmul,
-        )
-    except ValueError as err:
-        raise SrquantError(str(err)) from None
-    result = quantize_model(
-        model,
-        entry.layout,
-        args.method,
-        spec,
-        calib,
-        args.preset,
-        datasets_root=root / "datasets",
-        progress=not args.no_progress,
-        percentile=args.percentile,
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    meta = {
-        "method": args.method,
-        "preset": args.preset,
-        "calib_folder": str(calib),
-        "calib_seconds": result.calib_seconds,
-        "settings": result.settings,
-        "quantized": result.report.summary(),
+    overrides = {
+        "percentile": args.percentile,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
     }
-    meta["rollbacks"] = result.rollbacks
+    result = api.quantize(
+        args.model,
+        args.scale,
+        args.method,
+        args.wbits,
+        args.abits,
+        calib=args.calib,
+        preset=args.preset,
+        assets=args.assets,
+        device=args.device,
+        full=args.full,
+        weight_quantizer=args.weight_quantizer,
+        weight_granularity=args.weight_granularity,
+        output_bits=args.output_bits,
+        glue_bits=args.glue_bits,
+        matmul=not args.no_matmul,
+        weights=args.weights,
+        output=args.output,
+        progress=not args.no_progress,
+        deploy=args.deploy,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
     for note in result.rollbacks:
         print(f"divergence guard: {note}")
-    size = save_quantized(model, args.output, entry.name, result.spec, meta, result.dynamic)
-    bits = f"W{args.wbits}A{args.abits}" if args.method != "granular-dq" else f"W{result.spec.w_bits} patch-wise A"
-    print(f"{entry.name} x{args.scale} {args.method} {bits}: {result.report.summary()}")
+    spec = result.spec
+    print(
+        f"{args.model} x{args.scale} {result.method} W{spec.w_bits}A{spec.a_bits} "
+        f"(weights per {spec.weight_granularity}): {result.report.summary()}"
+    )
+    size = Path(args.output).stat().st_size
     print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets)
+    report = api.export_quantized(args.model, args.output, args.size, args.calib, args.assets, args.allow_inexact)
     shape = "any LR size" if report.dynamic_axes else f"LR {args.size[0]}x{args.size[1]}"
     glue = f" and {len(report.glue)} quantized tensors between them" if report.glue else ""
     print(f"wrote {args.output}: {len(report.convs)} integer convs / linear layers{glue}, for {shape}")
@@ -311,7 +283,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     dataset = None if args.psnr_dataset.lower() == "none" else args.psnr_dataset
-    result = api.bench_speed(args.model, args.size, args.threads, args.runs, args.assets, args.calib, dataset)
+    result = api.bench_speed(
+        args.model, args.size, args.threads, args.runs, args.assets, args.calib, dataset, args.allow_inexact
+    )
     print(f"backend {result.backend}, LR {args.size[0]}x{args.size[1]}, {result.threads} threads, {result.runs} runs")
     for setting, ms in result.timings_ms.items():
         print(f"  {setting:<14} {ms:9.1f} ms")
@@ -335,30 +309,36 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    model, _, controller = _load_for_eval(args)
-    if isinstance(controller, GranularityBitController):
-        sr, _ = upscale_patchwise(model, controller, to_tensor(read_image(args.input)))
-        write_image(args.output, to_uint8(sr))
-    else:
-        api.upscale_file(model, args.input, args.output, args.tile)
+    api.upscale_file(
+        args.model,
+        args.input,
+        args.output,
+        args.scale,
+        args.tile,
+        args.assets,
+        args.weights,
+        args.download,
+        args.device,
+    )
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    root = asset_dir(args.assets)
+    root, rows = api.list_models(args.assets)
     print(f"asset directory: {root}")
     print(f"{'name':<14} {'kind':<12} {'scales':<8} {'local weights':<14} note")
-    for entry in REGISTRY.values():
-        local = []
-        for scale in entry.scales:
-            try:
-                checkpoint_path(entry, scale, args.assets, allow_download=False)
-                local.append(f"x{scale}")
-            except SrquantError:
-                pass
-        scales = ",".join(map(str, entry.scales))
-        print(f"{entry.name:<14} {entry.kind:<12} {scales:<8} {','.join(local) or '-':<14} {entry.note}")
+    for row in rows:
+        scales = ",".join(map(str, row.scales))
+        local = ",".join(f"x{s}" for s in row.local) or "-"
+        print(f"{row.name:<14} {row.kind:<12} {scales:<8} {local:<14} {row.note}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for row in api.list_methods():
+        kind = "dynamic bits" if row.dynamic else "fixed bits"
+        print(f"{row.name:<12} {kind:<13} presets: {', '.join(row.presets):<24} {row.summary}")
     return 0
 
 
@@ -370,6 +350,7 @@ COMMANDS = {
     "models": cmd_models,
     "export": cmd_export,
     "bench-speed": cmd_bench_speed,
+    "methods": cmd_methods,
 }
 
 

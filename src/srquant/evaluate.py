@@ -57,6 +57,20 @@ def check_scale(model: nn.Module, scale: int) -> None:
         raise SrquantError(f"the model upscales x{model_scale}, but x{scale} was asked for")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's parameters live on (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+PerImage = Callable[[str, torch.Tensor], dict[str, float]]
+
+
+def image_metrics_of(model: nn.Module) -> PerImage | None:
+    """The per-image measurement a model offers (dynamic-bit models: FAB and BitOPs of the bits it used)."""
+    measure = getattr(model, "image_metrics", None)
+    return (lambda _name, lr: measure(lr)) if callable(measure) else None
+
+
 @torch.no_grad()
 def evaluate_dataset(
     model: nn.Module,
@@ -65,15 +79,13 @@ def evaluate_dataset(
     conventions: Sequence[str] = ("basicsr",),
     tile: int | None = None,
     progress: bool = True,
-    per_image: Callable[[str, torch.Tensor], dict[str, float]] | None = None,
-    upscaler: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_image: PerImage | None = None,
 ) -> list[DatasetResult]:
     """Run the model once on every LR image of a set; score it under each named convention.
 
-    `per_image(name, lr)` may add numbers measured per image (FAB, BitOPs of dynamic methods); they are averaged.
-    It is called right after the image was super-resolved, with the same `lr` tensor. `upscaler(lr)` replaces
-    the model's own (tiled) inference for a 1x3xHxW LR image (e.g. Granular-DQ's patch-wise run; `tile` is then
-    not used).
+    `per_image(name, lr)` may add numbers measured per image; they are averaged. It is called right after the
+    image was super-resolved, with the same `lr` tensor. By default a model's own `image_metrics(lr)` is used
+    (dynamic-bit models report FAB and BitOPs at the bits each image got).
     """
     if isinstance(conventions, str):
         conventions = (conventions,)
@@ -81,14 +93,16 @@ def evaluate_dataset(
         get_convention(name)
     check_scale(model, scale)
     model.eval()
+    device = model_device(model)
+    per_image = per_image or image_metrics_of(model)
     scores: dict[str, list[ImageScore]] = {name: [] for name in conventions}
     measured: dict[str, list[float]] = {}
     start = time.perf_counter()
     pairs = dataset.iter_pairs(scale)
     bar = tqdm(pairs, total=len(dataset), desc=f"{dataset.name} x{scale}", disable=not progress, leave=False)
     for pair in bar:
-        lr = to_tensor(pair.lr)
-        sr = to_uint8(upscaler(lr) if upscaler is not None else upscale(model, lr, tile=tile))
+        lr = to_tensor(pair.lr).to(device)
+        sr = to_uint8(upscale(model, lr, tile=tile))
         for key, value in (per_image(pair.name, lr) if per_image else {}).items():
             measured.setdefault(key, []).append(value)
         for name in conventions:
@@ -121,11 +135,8 @@ def evaluate(
     assets: str | Path | None = None,
     tile: int | None = None,
     progress: bool = True,
-    per_image: Callable[[str, torch.Tensor], dict[str, float]] | None = None,
-    upscaler: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_image: PerImage | None = None,
 ) -> list[DatasetResult]:
     """Evaluate on several benchmark sets by name; every set is located before any inference starts."""
     sets = [BenchmarkSet.from_assets(name, assets) for name in datasets]
-    return [
-        r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image, upscaler)
-    ]
+    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image)]

@@ -13,27 +13,24 @@ import torch.nn.functional as F
 
 from srquant.errors import SrquantError
 from srquant.methods.adabm import (
+    ADABM,
     ADABM_PRESETS,
     AdaBMConfig,
+    AdaptiveBitsModel,
     BitController,
-    _grid_errors,
-    accounting_bits,
-    attach_controller,
     bit_aware_clipping,
     bit_report,
     calibrate_adabm,
-    get_adabm_preset,
     image_complexity,
     run_adabm,
 )
-from srquant.methods.dynamic import dynamic_state, restore_dynamic
+from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.accounting import ops_report
-from srquant.quant.calibrators import quant_error
-from srquant.quant.checkpoint import load_quantized, save_quantized
+from srquant.quant.calibrators import range_errors
 from srquant.quant.quantize import fp_mode, quantize_
-from srquant.quant.quantizers import QuantMode
+from srquant.quant.quantizers import AsymmetricQuantizer, QuantMode
 from srquant.quant.spec import QuantSpec, matches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,24 +51,28 @@ def _sampler(seed: int = 0, size: int = 16):
     return lambda n: _smooth(n, size, gen)
 
 
-def _run(name: str = "imdn", config: AdaBMConfig = SMALL, seed: int = 0, sampler=None, **kwargs):
+def _run(
+    name: str = "imdn", config: AdaBMConfig = SMALL, seed: int = 0, sampler=None, full: bool = False, **spec: object
+):
+    """(the model to evaluate: network + controller, the run) of AdaBM on a tiny x2 network at base W4A4."""
     torch.manual_seed(seed)
-    model = build_model(name, 2, tiny=True).eval()
-    result = run_adabm(model, REGISTRY[name].layout, 4, 4, sampler or _sampler(seed), config, **kwargs)
-    return model, result
+    network = build_model(name, 2, tiny=True).eval()
+    result = run_adabm(
+        network, REGISTRY[name].layout, QuantSpec(4, 4, full=full, **spec), sampler or _sampler(seed), config
+    )
+    return result.model, result
 
 
-def _calibrated(name: str = "imdn") -> tuple[torch.nn.Module, BitController]:
-    """A tiny model quantized W4A4, calibrated by AdaBM's statistics, with its controller attached."""
+def _calibrated(name: str = "imdn") -> tuple[AdaptiveBitsModel, BitController]:
+    """A tiny model quantized W4A4, calibrated by AdaBM's statistics, run with its controller."""
     torch.manual_seed(0)
-    model = build_model(name, 2, tiny=True).eval()
+    network = build_model(name, 2, tiny=True).eval()
     layout = REGISTRY[name].layout
-    report = quantize_(model, QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False), layout)
+    report = quantize_(network, QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False), layout)
     controller = BitController([n for n in report.layers if matches(n, layout.body)], 4)
     gen = torch.Generator().manual_seed(0)
-    calibrate_adabm(model, controller, [_smooth(8, gen=gen) for _ in range(2)], SMALL)
-    attach_controller(model, controller)
-    return model, controller
+    calibrate_adabm(network, controller, [_smooth(8, gen=gen) for _ in range(2)], SMALL)
+    return AdaptiveBitsModel(network, controller), controller
 
 
 def test_bits_are_hard_forward_and_gradients_reach_thresholds_and_measures() -> None:
@@ -79,9 +80,13 @@ def test_bits_are_hard_forward_and_gradients_reach_thresholds_and_measures() -> 
     x = torch.cat([torch.zeros(1, 3, 16, 16) + 0.5, torch.rand(1, 3, 16, 16), _smooth(2)])
     bits = controller(x)
     assert torch.equal(bits, bits.round()) and bits.min() >= 2 and bits.max() <= 6
+    seen: list[torch.Tensor] = []
+    q = model.network.get_submodule(controller.layer_names[0]).input_quantizer
+    handle = q.register_forward_pre_hook(lambda quantizer, _args: seen.append(quantizer.bits_override.clone()))
     model(x).abs().mean().backward()
-    q = model.get_submodule(controller.layer_names[0]).input_quantizer
-    assert q.mode is QuantMode.QUANT and torch.equal(q.bits_override.flatten(), bits[:, 0].detach())
+    handle.remove()
+    assert q.mode is QuantMode.QUANT and torch.equal(seen[0].flatten(), bits[:, 0].detach())
+    assert q.bits_override is None  # the per-sample bits live only for the forward pass
     assert controller.measure_layer.grad is not None and controller.measure_layer.grad.abs().sum() > 0
     img_grad = controller.measure_l.grad.abs() + controller.measure_u.grad.abs()
     assert img_grad > 0
@@ -107,9 +112,9 @@ def test_layer2bit_gives_bottom_30_percent_minus_one_and_top_30_percent_plus_one
 
 def test_bit_aware_clipping_changes_bounds() -> None:
     model, controller = _calibrated()
-    qs = [model.get_submodule(n).input_quantizer for n in controller.layer_names]
+    qs = [model.network.get_submodule(n).input_quantizer for n in controller.layer_names]
     before = [(q.lower_bound.item(), q.upper_bound.item()) for q in qs]
-    bit_aware_clipping(model, controller, _smooth(2), SMALL)
+    bit_aware_clipping(model, _smooth(2), SMALL)
     after = [(q.lower_bound.item(), q.upper_bound.item()) for q in qs]
     assert after != before
     assert all(a[1] - a[0] <= b[1] - b[0] + 1e-6 for a, b in zip(after, before, strict=True))  # ranges only shrink
@@ -126,12 +131,14 @@ def test_run_trains_in_phases_and_reports_fab_and_bitops() -> None:
     assert all(2 <= b <= 6 for b in values)
     assert report.fab == pytest.approx(sum(values) / len(values))
     single = x[:1]
-    bits = accounting_bits(model, result.controller, single)
+    bits = model.layer_bits_for(single)
     one = bit_report(result.controller, single)
     assert all(bits[name][1] == one.per_layer[name][0] for name in result.adaptive_layers)
-    ops = ops_report(model, 2, (16, 16))
+    ops = ops_report(model.network, 2, (16, 16))
     assert bitops(ops, bits) > 0
-    assert not any("measure" in k for k in model.state_dict())  # bit state is the method's, not the model's
+    metrics = model.image_metrics(single)
+    assert metrics["fab"] == pytest.approx(one.fab) and metrics["bitops_g"] > 0
+    assert not any("measure" in k for k in model.network.state_dict())  # bit state is the method's, not the network's
     state = result.controller.state_dict()
     fresh = BitController(result.adaptive_layers, 4)
     fresh.load_state_dict(state)
@@ -151,7 +158,7 @@ def test_same_seed_gives_identical_bits_and_outputs() -> None:
 def test_weight_bound_blow_up_is_rolled_back_to_a_usable_model() -> None:
     config = dataclasses.replace(SMALL, epochs=1, iterations=8, lr_w=1e6, max_rollbacks=3)
     model, result = _run(config=config)
-    assert result.rollbacks and "learning rate halved" in result.rollbacks[0]
+    assert result.rollbacks and "restored, lr halved" in result.rollbacks[0]
     x = _smooth(2, gen=torch.Generator().manual_seed(7))
     with torch.no_grad():
         out = model(x)
@@ -174,34 +181,40 @@ def test_nan_loss_is_rolled_back_and_recorded() -> None:
 
     model, result = _run(config=dataclasses.replace(SMALL, epochs=1, iterations=6), sampler=poisoned)
     assert len(result.rollbacks) == 2 and "restored" in result.rollbacks[0]
-    params = [p for p in model.parameters()] + list(result.controller.parameters())
-    assert all(torch.isfinite(p).all() for p in params)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # network, quantizers and controller
 
 
 def test_config_validation_and_presets() -> None:
     assert ADABM_PRESETS["paper"].epochs * ADABM_PRESETS["paper"].iterations == 500
-    assert get_adabm_preset("cpu", epochs=2).epochs == 2
+    assert ADABM.config("cpu", {"epochs": 2}).epochs == 2
     with pytest.raises(SrquantError):
         AdaBMConfig(lr_w=0)
+    with pytest.raises(SrquantError, match="no preset 'nope'"):
+        ADABM.config("nope")
+    with pytest.raises(SrquantError, match="percentile does not apply to adabm"):
+        ADABM.config("cpu", {"percentile": 99.9})
     with pytest.raises(SrquantError):
-        get_adabm_preset("nope")
-    with pytest.raises(SrquantError):
-        run_adabm(build_model("imdn", 2, tiny=True), REGISTRY["imdn"].layout, 4, 2, _sampler(), SMALL)
+        run_adabm(build_model("imdn", 2, tiny=True), REGISTRY["imdn"].layout, QuantSpec(4, 2), _sampler(), SMALL)
 
 
-def test_bac_grid_errors_match_the_reference_quantizer_error() -> None:
+def test_bac_candidate_errors_match_a_hand_computed_quantizer_error() -> None:
     x = torch.randn(500, generator=torch.Generator().manual_seed(0))
-    errors = _grid_errors(x, -2.0, 3.0, 3, 100)
-    one = torch.ones(())
-    expected = [float(quant_error(x, one, -2.0 * (1 - 0.01 * i), 3.0 * (1 - 0.01 * i), 3)) for i in range(100)]
-    assert errors.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    scales = 1 - 0.01 * torch.arange(100, dtype=torch.float64)
+    errors = range_errors(AsymmetricQuantizer(3), x[None, :], -2.0 * scales[None, :], 3.0 * scales[None, :], bits=3)
+    expected = []
+    for s in scales.tolist():
+        lo, hi = -2.0 * s, 3.0 * s
+        step = (hi - lo) / 7
+        q = torch.round((x.double().clamp(lo, hi) - lo) / step) * step + lo
+        expected.append(float(((x.double() - q) ** 2).sum()))
+    assert errors[0].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 def test_batchnorm_statistics_never_change_and_the_model_stays_in_eval_mode() -> None:
     torch.manual_seed(0)
     model = build_model("srresnet", 2, tiny=True).eval()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    result = run_adabm(model, REGISTRY["srresnet"].layout, 4, 4, _sampler(), SMALL)
+    result = run_adabm(model, REGISTRY["srresnet"].layout, QuantSpec(4, 4), _sampler(), SMALL)
     assert not model.training and result.losses
     after = model.state_dict()
     assert stats and all(torch.equal(after[k], v) for k, v in stats.items())
@@ -211,7 +224,7 @@ def test_full_mode_fixes_head_and_tail_at_w8a8_and_unused_branches_stay_fp() -> 
     model, result = _run("carn-m", config=dataclasses.replace(SMALL, epochs=1, iterations=2), full=True)
     fixed = {n: b for n, b in result.report.layers.items() if n not in result.adaptive_layers}
     assert fixed and all(b == (8, 8) for b in fixed.values())
-    unused = model.get_submodule("upsample.up3.body.0").input_quantizer
+    unused = model.network.get_submodule("upsample.up3.body.0").input_quantizer
     assert unused.mode is QuantMode.FP  # the x3 branch of the multi-scale upsampler never runs at x2
     with torch.no_grad():
         assert torch.isfinite(model(_smooth(1))).all()
@@ -264,7 +277,7 @@ def test_both_off_is_fixed_bit_at_the_base_with_the_same_weight_and_activation_f
     for x in (FLAT, BUSY, _smooth(3)):
         report = bit_report(controller, x)
         assert report.fab == 4.0 and all(b == 4 for bits in report.per_layer.values() for b in bits)
-    bits = accounting_bits(model, controller, BUSY)
+    bits = model.layer_bits_for(BUSY)
     assert all(bits[name] == (4, 4) for name in controller.layer_names)
 
 
@@ -282,37 +295,31 @@ def test_both_off_bit_phase_keeps_the_data_stream_of_the_full_schedule() -> None
 
 
 def test_switches_are_validated_and_recorded_in_the_preset() -> None:
-    assert get_adabm_preset("cpu", image2bit=False).image2bit is False
+    assert ADABM.config("cpu", {"image2bit": False}).image2bit is False
     with pytest.raises(SrquantError, match="layer2bit"):
         AdaBMConfig(layer2bit="no")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("image2bit,layer2bit", [(False, True), (True, False), (False, False)])
-def test_switches_survive_a_checkpoint_and_give_identical_bits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image2bit: bool, layer2bit: bool
+@pytest.mark.parametrize("image2bit,layer2bit", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_a_checkpoint_reloads_the_controller_and_gives_identical_bits_and_outputs(
+    tmp_path: Path, image2bit: bool, layer2bit: bool, granularity: str
 ) -> None:
     config = dataclasses.replace(SMALL, image2bit=image2bit, layer2bit=layer2bit)
-    model, result = _run(config=config)
+    model, result = _run(config=config, weight_granularity=granularity)
     path = tmp_path / "adabm.pt"
-    spec = QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False)
-    save_quantized(model, path, "imdn", spec, {"method": "adabm"}, dynamic_state(result.controller))
-    entry = REGISTRY["imdn"]
-    monkeypatch.setitem(REGISTRY, "imdn", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
-    again, record = load_quantized(path)
-    controller = restore_dynamic(again, record)
-    assert isinstance(controller, BitController)
-    assert (controller.image2bit, controller.layer2bit) == (image2bit, layer2bit)
+    save_quantized(model.network, path, "adabm", result.spec, {}, {"controller": result.controller.state_dict()})
+    again = load_quantized(path)  # the controller comes back with the network: no extra step
+    assert isinstance(again, AdaptiveBitsModel)
+    assert (again.controller.image2bit, again.controller.layer2bit) == (image2bit, layer2bit)
     x = torch.cat([FLAT, BUSY, _smooth(2)])
     with torch.no_grad():
-        assert torch.equal(controller(x), result.controller(x))
+        assert torch.equal(again.controller(x), result.controller(x))
         assert torch.equal(again(x), model(x))
 
 
-def test_a_bit_state_saved_before_the_switches_loads_with_both_on() -> None:
-    _, controller = _calibrated()
-    state = controller.state_dict()
-    state["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k in ("layer_names", "base_bits")}
-    fresh = BitController(controller.layer_names, 4, image2bit=False, layer2bit=False)
-    fresh.load_state_dict(state)
-    assert fresh.image2bit and fresh.layer2bit
-    assert torch.equal(fresh(torch.cat([FLAT, BUSY])), controller(torch.cat([FLAT, BUSY])))
+def test_weight_search_is_per_channel_with_channel_granularity() -> None:
+    _, result = _run(weight_granularity="channel")
+    layer = result.model.network.get_submodule(result.adaptive_layers[0])
+    bounds = layer.weight_quantizer.upper_bound.detach()
+    assert bounds.shape == (layer.weight.shape[0],) and len(set(bounds.tolist())) > 1

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from srquant.errors import SrquantError
+from srquant.methods.pipeline import load_checkpoint, load_quantized, save_quantized
 from srquant.methods.ptq import calibrate
 from srquant.models.registry import REGISTRY, build_model, create_model
-from srquant.quant.checkpoint import load_quantized, pack_codes, save_quantized, unpack_codes
+from srquant.quant.checkpoint import pack_codes, unpack_codes
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import quantize_
 from srquant.quant.spec import QuantSpec
@@ -34,6 +35,8 @@ def test_pack_round_trip(bits: int) -> None:
         ("pan", QuantSpec(8, 8, full=True, output_bits=8, glue_bits=8)),
         ("edsr-baseline", QuantSpec(4, 4, weight_quantizer="symmetric")),
         ("srresnet", QuantSpec(4, 8, weight_quantizer="lsq", act_quantizer="lsq")),
+        ("imdn", QuantSpec(3, 4, weight_granularity="tensor")),
+        ("lmlt-tiny", QuantSpec(4, 4, weight_quantizer="symmetric", weight_granularity="tensor")),
     ],
 )
 def test_save_load_is_bit_identical(tmp_path: Path, name: str, spec: QuantSpec) -> None:
@@ -43,29 +46,28 @@ def test_save_load_is_bit_identical(tmp_path: Path, name: str, spec: QuantSpec) 
     x = torch.rand(2, 3, 12, 10)
     calibrate(model, [x], "dobi")
     path = tmp_path / "q.pt"
-    save_quantized(model, path, name, spec, {"method": "dobi"})
-    # The tiny variant is registered under the same name: rebuild with its kwargs for the comparison.
-    entry = REGISTRY[name]
-    REGISTRY[name] = entry.__class__(**{**entry.__dict__, "kwargs": entry.tiny_kwargs})
-    try:
-        again, record = load_quantized(path)
-    finally:
-        REGISTRY[name] = entry
+    save_quantized(model, path, "dobi", spec, {"note": "tiny"})
+    loaded = load_checkpoint(path)  # the tiny variant's kwargs travel in the architecture record
     with torch.no_grad():
-        assert torch.equal(model(x), again(x))
-    assert record["meta"] == {"method": "dobi"}
+        assert torch.equal(model(x), loaded.model(x))
+    assert loaded.record["meta"] == {"note": "tiny"} and loaded.method == "dobi"
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
 
 
-def test_4bit_file_is_about_an_eighth_for_quantized_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_4bit_file_is_about_an_eighth_for_quantized_layers(tmp_path: Path, granularity: str) -> None:
     model = build_model("edsr-baseline", 4).eval()  # 1.52 M parameters, 32 body convs quantized
-    spec = QuantSpec(4, 4)
+    spec = QuantSpec(4, 4, weight_granularity=granularity)
     quantize_(model, spec, REGISTRY["edsr-baseline"].layout)
     calibrate(model, [torch.rand(1, 3, 8, 8)], "minmax")
     float_path, quant_path = tmp_path / "f.pth", tmp_path / "q.pt"
     torch.save(build_model("edsr-baseline", 4).state_dict(), float_path)
-    size_q = save_quantized(model, quant_path, "edsr-baseline", spec, {})
+    size_q = save_quantized(model, quant_path, "minmax", spec, {})
     body = sum(m.weight.numel() for _, m in model.named_modules() if is_quantized(m))
-    expected = float_path.stat().st_size - body * 4 + body * 0.5
+    ranges = sum(
+        p.numel() for _, m in model.named_modules() if is_quantized(m) for p in m.weight_quantizer.parameters()
+    )
+    expected = float_path.stat().st_size - body * 4 + body * 0.5 + ranges * 4  # per-channel ranges are float32
     assert abs(size_q - expected) / expected < 0.02
 
 
@@ -78,6 +80,20 @@ def test_wrong_kind_of_checkpoint_is_refused(tmp_path: Path) -> None:
     quantize_(model, QuantSpec(4, 4), REGISTRY["pan"].layout)
     calibrate(model, [torch.rand(1, 3, 8, 8)], "minmax")
     quant_path = tmp_path / "q.pt"
-    save_quantized(model, quant_path, "pan", QuantSpec(4, 4), {})
+    save_quantized(model, quant_path, "minmax", QuantSpec(4, 4), {})
     with pytest.raises(SrquantError, match="quantized checkpoint, not float weights"):
         create_model("pan", 4, tiny=True, weights=quant_path)
+
+
+def test_a_checkpoint_of_the_previous_format_says_how_to_redo_it(tmp_path: Path) -> None:
+    old = {
+        "format": "srquant-quantized/1",
+        "model": "imdn",
+        "scale": 4,
+        "spec": {"w_bits": 4, "a_bits": 4},
+        "meta": {"method": "2dquant"},
+    }
+    torch.save(old, tmp_path / "old.pt")
+    redo = "earlier srquant .*srquant quantize --model imdn --scale 4 --method 2dquant"
+    with pytest.raises(SrquantError, match=redo):
+        load_quantized(tmp_path / "old.pt")

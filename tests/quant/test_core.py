@@ -9,7 +9,7 @@ from torch import nn
 from srquant.errors import SrquantError
 from srquant.methods.ptq import calibrate
 from srquant.models.registry import REGISTRY, build_model
-from srquant.quant.calibrators import DobiCalibrator, search_error_exact
+from srquant.quant.calibrators import DobiCalibrator
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import fp_mode, quantize_, quantizers, set_mode
 from srquant.quant.quantizers import AsymmetricQuantizer, LSQQuantizer, QuantMode, SymmetricQuantizer
@@ -53,7 +53,7 @@ def test_16_bit_wide_range_is_near_identity(name: str) -> None:
 
 def test_asymmetric_forward_and_gradients_match_hand_reference() -> None:
     q = AsymmetricQuantizer(bits=2)
-    q.set_bounds(-1.0, 2.0)  # step 1: grid -1, 0, 1, 2
+    q.set_range(-1.0, 2.0)  # step 1: grid -1, 0, 1, 2
     q.mode = QuantMode.QUANT
     x = torch.tensor([-3.0, -0.6, 0.4, 1.49, 2.5, 5.0], requires_grad=True)
     y = q(x)
@@ -94,7 +94,7 @@ def test_clip_gradient_sums_over_clipped_elements() -> None:
 
 def test_symmetric_and_lsq_grids() -> None:
     sym = SymmetricQuantizer(bits=3)  # levels -3..3 times u/3
-    sym.set_bounds(-1.5, 3.0)
+    sym.set_range(-1.5, 3.0)
     sym.mode = QuantMode.QUANT
     assert sym(torch.tensor([-4.0, -1.2, 0.4, 2.6])).tolist() == [-3.0, -1.0, 0.0, 3.0]
     lsq = LSQQuantizer(bits=4, signed=False)
@@ -105,11 +105,23 @@ def test_symmetric_and_lsq_grids() -> None:
 
 def test_per_sample_bits() -> None:
     q = AsymmetricQuantizer(bits=8)
-    q.set_bounds(0.0, 1.0)
+    q.set_range(0.0, 1.0)
     q.mode = QuantMode.QUANT
     q.bits_override = torch.tensor([1.0, 2.0]).view(2, 1)
     out = q(torch.full((2, 3), 0.4))
     assert out[0].tolist() == [0.0] * 3 and out[1].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def _dobi(x: torch.Tensor, bits: int, one_sided: bool, static: bool, batches: int = 1) -> tuple[float, float]:
+    """DOBI's range for a tensor: exact (a weight, seen once) or from the histogram over batches."""
+    q = AsymmetricQuantizer(bits, one_sided=one_sided)
+    cal = DobiCalibrator("t", q, static=static)
+    for index in range(2):
+        cal.begin_pass(index)
+        for part in x.chunk(batches):
+            cal.collect(part)
+    lo, hi = cal.compute()
+    return float(lo), float(hi)
 
 
 def test_dobi_recovers_known_bounds_on_synthetic_tensor() -> None:
@@ -118,23 +130,18 @@ def test_dobi_recovers_known_bounds_on_synthetic_tensor() -> None:
     gen = torch.Generator().manual_seed(0)
     bulk = torch.rand(200_000, generator=gen) * 2 - 1
     x = torch.cat([bulk, torch.tensor([-8.0, 8.0])])
-    lo, hi = search_error_exact(x, bits=4, one_sided=False)
+    lo, hi = _dobi(x, 4, one_sided=False, static=True)
     assert -1.2 < lo < -0.9 and 0.9 < hi < 1.2
     # The histogram calibrator accumulated over two batches picks (almost) the same candidate.
-    cal = DobiCalibrator("t", bits=4)
-    for index in range(2):
-        cal.begin_pass(index)
-        for part in (x[:100_001], x[100_001:]):
-            cal.collect(part)
-    hlo, hhi = cal.compute()
+    hlo, hhi = _dobi(x, 4, one_sided=False, static=False, batches=2)
     step = 16.0 / 200  # the candidate spacing
-    assert abs(float(hlo) - lo) <= step + 1e-6 and abs(float(hhi) - hi) <= step + 1e-6
+    assert abs(hlo - lo) <= step + 1e-6 and abs(hhi - hi) <= step + 1e-6
 
 
 def test_dobi_one_sided_keeps_the_minimum() -> None:
     x = torch.distributions.Exponential(torch.tensor(4.0)).sample((100_000,))
     x = torch.cat([x, torch.tensor([20.0])])
-    lo, hi = search_error_exact(x, bits=4, one_sided=True)
+    lo, hi = _dobi(x, 4, one_sided=True, static=True)
     assert lo == pytest.approx(float(x.min())) and hi < 5.0
 
 
@@ -152,8 +159,8 @@ def test_methods_calibrate_every_quantizer(method: str) -> None:
     model = _quantized("swinir-light", QuantSpec(4, 4))
     x = torch.rand(2, 3, 12, 12)
     calibrate(model, [x, x.flip(-1)], method)
-    bounds = [(q.lower_bound.min().item(), q.upper_bound.max().item()) for _, q in quantizers(model)]
-    assert all(lo < hi for lo, hi in bounds)
+    ranges = [q.value_range() for _, q in quantizers(model)]
+    assert all(bool((lo < hi).all()) for lo, hi in ranges)
     set_mode(model, QuantMode.QUANT)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
@@ -176,9 +183,9 @@ def test_glue_bits_quantize_the_marked_tensors_between_layers(name: str) -> None
     with torch.no_grad():
         model(x)
     handle.remove()
-    lower, upper = (float(b.detach()) for b in glue._bounds())
-    step = (upper - lower) / 255
-    codes = seen[0] / step + round(-lower / step)  # grids with an integer zero point (align_zero)
+    grid = glue.grid()
+    assert grid.integer_zero_point()  # uint8 kernels need an integer zero point (align_zero)
+    codes = seen[0] / grid.scale + grid.zero_point
     assert torch.allclose(codes, codes.round(), atol=1e-3)  # the tensor now lies on its 8-bit grid
     assert "glue tensors" in report.summary()
 
@@ -188,3 +195,77 @@ def test_glue_bits_need_output_bits() -> None:
         QuantSpec(8, 8, glue_bits=8)
     with pytest.raises(ValueError, match="glue_bits must be"):
         QuantSpec(8, 8, output_bits=8, glue_bits=1)
+
+
+def _weight_like(rows: int = 6, gen_seed: int = 0) -> torch.Tensor:
+    """A conv weight whose output channels differ in scale by 20x, as trained weights do."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    scales = torch.logspace(-2, -0.7, rows).view(rows, 1, 1, 1)
+    return torch.randn(rows, 4, 3, 3, generator=gen) * scales
+
+
+KINDS = [
+    lambda rows: AsymmetricQuantizer(4, rows),
+    lambda rows: SymmetricQuantizer(4, rows),
+    lambda rows: LSQQuantizer(4, signed=True, rows=rows),
+]
+
+
+@pytest.mark.parametrize("make", KINDS, ids=["asymmetric", "symmetric", "lsq"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_every_quantizer_kind_owns_its_grid_and_codes(make, rows: int) -> None:
+    w = _weight_like()
+    q = make(rows)
+    flat = w.reshape(rows, -1)
+    q.set_range(flat.amin(dim=1), flat.amax(dim=1))
+    q.mode = QuantMode.QUANT
+    grid = q.grid()
+    codes = q.to_codes(w)
+    assert codes.dtype == torch.int64 and codes.shape == w.shape
+    assert int(codes.min()) >= int(grid.qmin) and int(codes.max()) <= int(grid.qmax)
+    with torch.no_grad():
+        fake = q(w)
+        back = q.from_codes(codes, w.shape)
+        assert torch.equal(fake, back)  # the model rounds with exactly the grid it exports and packs
+        assert torch.equal(q(back), back)  # grid values map to themselves: reloading is bit-identical
+    # The range a calibrator proposes and the grid the quantizer then takes agree.
+    proposed = q.grid_for(
+        flat.amin(dim=1).view(-1, 1) if rows > 1 else flat.amin(),
+        flat.amax(dim=1).view(-1, 1) if rows > 1 else flat.amax(),
+    )
+    assert torch.allclose(proposed.scale, grid.scale) and torch.allclose(proposed.zero_point, grid.zero_point)
+    # Gradients flow to every row's parameters in training.
+    q.train_quantize(w.requires_grad_()).square().sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in q.parameters())
+
+
+@pytest.mark.parametrize("make", KINDS, ids=["asymmetric", "symmetric", "lsq"])
+def test_per_channel_grids_fit_weights_with_uneven_channels_better(make) -> None:
+    w = _weight_like()
+    errors = {}
+    for rows in (1, 6):
+        q = make(rows)
+        flat = w.reshape(rows, -1)
+        q.set_range(flat.amin(dim=1), flat.amax(dim=1))
+        q.mode = QuantMode.QUANT
+        with torch.no_grad():
+            errors[rows] = float((q(w) - w).square().sum())
+    assert errors[6] < 0.5 * errors[1]
+
+
+@pytest.mark.parametrize(("granularity", "rows"), [("tensor", 3), ("channel", 36)])
+def test_weight_granularity_sets_grids_per_channel_or_per_fused_slice(granularity: str, rows: int) -> None:
+    model = _quantized("swinir-light", QuantSpec(4, 4, weight_granularity=granularity))
+    qkv = next(m for n, m in model.named_modules() if n.endswith("attn.qkv"))
+    assert qkv.weight.shape[0] == 36 and qkv.weight_quantizer.rows == rows  # tiny variant: 12 channels x q, k, v
+    conv = next(m for n, m in model.named_modules() if n.endswith("mlp.fc1"))
+    assert conv.weight_quantizer.rows == (1 if granularity == "tensor" else conv.weight.shape[0])
+    x = torch.rand(1, 3, 12, 12)
+    calibrate(model, [x], "dobi")
+    scale, _ = qkv.weight_quantizer.grid().per_channel(qkv.weight.shape[0])
+    assert scale.shape == (36,) and len(set(scale.tolist())) == rows
+
+
+def test_spec_refuses_an_unknown_granularity() -> None:
+    with pytest.raises(ValueError, match="weight_granularity must be one of"):
+        QuantSpec(4, 4, weight_granularity="group")

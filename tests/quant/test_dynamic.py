@@ -2,51 +2,56 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import srquant
 from srquant.cli import main
-from srquant.methods.adabm import get_adabm_preset, run_adabm
-from srquant.methods.dynamic import dynamic_state, per_image_metrics, restore_dynamic
+from srquant.methods.adabm import ADABM, run_adabm
+from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.models.registry import REGISTRY, build_model
-from srquant.quant.checkpoint import load_quantized, save_quantized
 from srquant.quant.spec import QuantSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_adabm_checkpoint_reloads_bits_and_outputs_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adabm_checkpoint_reloads_bits_and_outputs_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    model = build_model("edsr-baseline", 2, tiny=True).eval()
-    config = get_adabm_preset("cpu", epochs=3, iterations=2, calib_count=4, calib_batch=2, crop=12)
+    network = build_model("edsr-baseline", 2, tiny=True).eval()
+    config = ADABM.config("cpu", {"epochs": 3, "iterations": 2, "calib_count": 4, "calib_batch": 2, "crop": 12})
     result = run_adabm(
-        model, REGISTRY["edsr-baseline"].layout, 4, 4, lambda n: torch.rand(n, 3, 12, 12, generator=gen), config
+        network,
+        REGISTRY["edsr-baseline"].layout,
+        QuantSpec(4, 4),
+        lambda n: torch.rand(n, 3, 12, 12, generator=gen),
+        config,
     )
-    spec = QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False)
     path = tmp_path / "adabm.pt"
-    save_quantized(model, path, "edsr-baseline", spec, {"method": "adabm"}, dynamic_state(result.controller))
-    entry = REGISTRY["edsr-baseline"]
-    monkeypatch.setitem(REGISTRY, "edsr-baseline", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
-    again, record = load_quantized(path)
-    controller = restore_dynamic(again, record)
-    assert controller is not None
+    save_quantized(network, path, "adabm", result.spec, {}, {"controller": result.controller.state_dict()})
+    again = srquant.load_quantized(path)  # what `srquant eval --model` evaluates, controller included
     flat, busy = torch.full((1, 3, 16, 16), 0.5), torch.rand(1, 3, 16, 16, generator=gen)
     with torch.no_grad():
         for x in (flat, busy, torch.cat([flat, busy])):
-            assert torch.equal(model(x), again(x))
-            assert torch.equal(result.controller(x), controller(x))
-    measure = per_image_metrics(again, controller, 2)
-    with torch.no_grad():
-        assert measure("busy", busy)["fab"] == pytest.approx(float(controller(busy).mean()))
+            assert torch.equal(result.model(x), again(x))
+            assert torch.equal(result.controller(x), again.controller(x))
+        assert again.image_metrics(busy)["fab"] == pytest.approx(float(again.controller(busy).mean()))
 
 
-def test_fixed_bit_checkpoint_has_no_dynamic_state(tmp_path: Path) -> None:
-    assert restore_dynamic(build_model("pan", 2, tiny=True), {"dynamic": None}) is None
+def test_a_fixed_bit_checkpoint_loads_as_the_network_itself(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    network = build_model("pan", 2, tiny=True).eval()
+    from srquant.methods.ptq import calibrate
+    from srquant.quant.quantize import quantize_
+
+    quantize_(network, QuantSpec(4, 4), REGISTRY["pan"].layout)
+    calibrate(network, [torch.rand(2, 3, 12, 12)], "minmax")
+    save_quantized(network, tmp_path / "q.pt", "minmax", QuantSpec(4, 4), {})
+    again = load_quantized(tmp_path / "q.pt")
+    assert type(again) is type(network) and not hasattr(again, "image_metrics")
 
 
 def test_cli_adabm_on_a_real_network(assets: Path, tmp_path: Path) -> None:

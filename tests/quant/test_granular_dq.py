@@ -14,6 +14,7 @@ from torch import nn
 
 from srquant.errors import SrquantError
 from srquant.methods.granular_dq import (
+    GRANULAR_DQ,
     GRANULAR_DQ_PRESETS,
     PALETTE,
     GranularDQConfig,
@@ -21,7 +22,6 @@ from srquant.methods.granular_dq import (
     MultiBitLSQ,
     PatchBit,
     bit_map,
-    get_granular_dq_preset,
     head_conv_name,
     image_bit_report,
     multibit_quantizers,
@@ -37,6 +37,10 @@ from srquant.quant.quantize import fp_mode
 from srquant.quant.quantizers import QuantMode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _preset(name: str, **overrides: object) -> GranularDQConfig:
+    return GRANULAR_DQ.config(name, overrides)
 
 
 SMALL = GranularDQConfig(
@@ -98,7 +102,7 @@ def test_only_selected_bits_quantizer_runs() -> None:
     q.mode = QuantMode.QUANT
     for cand in q.candidates.values():
         cand.mode = QuantMode.QUANT
-    q.init_steps(0.5)
+    q.init_lsq(0.5)
     counter = _Counter()
     counter.attach("q", q)
     x = torch.randn(4, 3, 5, 5)
@@ -119,7 +123,7 @@ def test_training_gate_compares_the_bits_and_forwards_the_selected_one_exactly()
     q.mode = QuantMode.QUANT
     for cand in q.candidates.values():
         cand.mode = QuantMode.QUANT
-    q.init_steps(0.5)
+    q.init_lsq(0.5)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     gate = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)  # both samples chose code 0 (4 bits)
     q.select(torch.tensor([4, 4]), gate, torch.tensor([[4, 8], [4, 8]]))
@@ -306,19 +310,19 @@ def test_models_heads_and_config() -> None:
     for name, head in heads.items():
         assert head_conv_name(build_model(name, 4, tiny=True), get_entry(name).layout) == head
     assert GRANULAR_DQ_PRESETS["paper"].iterations == 300_000 and GRANULAR_DQ_PRESETS["paper"].atc_gamma == 0.9997
-    assert get_granular_dq_preset("cpu", batch_size=2).batch_size == 2
-    stretched = get_granular_dq_preset("cpu", iterations=2000)  # the schedule keeps its fractions
+    assert _preset("cpu", batch_size=2).batch_size == 2
+    stretched = _preset("cpu", iterations=2000)  # the schedule keeps its fractions
     cpu = GRANULAR_DQ_PRESETS["cpu"]
     assert stretched.lr_milestones == tuple(10 * m for m in cpu.lr_milestones)
     assert stretched.epoch_iterations == 10 * cpu.epoch_iterations
-    pinned = get_granular_dq_preset("cpu", iterations=2000, epoch_iterations=7, lr_milestones=(5,))
+    pinned = _preset("cpu", iterations=2000, epoch_iterations=7, lr_milestones=(5,))
     assert (pinned.epoch_iterations, pinned.lr_milestones) == (7, (5,))
     bads = ({"loss": "l2"}, {"e2b_quantiles": (0.9, 0.5)}, {"gbc_bits": (3, 8)}, {"lr": 0.0}, {"entropy_patch": 0})
     for bad in bads:
         with pytest.raises(SrquantError):
             GranularDQConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(SrquantError):
-        get_granular_dq_preset("fast")
+        _preset("fast")
 
 
 def test_imdn_qat_runs() -> None:

@@ -12,32 +12,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import srquant.methods.granular_dq as granular_dq
 from srquant import api
 from srquant.cli import main
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import read_image, write_image
 from srquant.errors import SrquantError
 from srquant.evaluate import evaluate_dataset
-from srquant.methods import pipeline
-from srquant.methods.dynamic import (
-    PatchwiseRunner,
-    eval_hooks,
-    granular_state,
-    load_dynamic,
-    prepare_dynamic,
-    restore_dynamic,
-)
 from srquant.methods.granular_dq import (
     GranularDQConfig,
-    GranularityBitController,
     MultiBitLSQ,
+    PatchwiseBitsModel,
+    checkpoint_state,
     patch_entropy,
     run_granular_dq,
     upscale_patchwise,
 )
-from srquant.methods.pipeline import METHODS, quantize_model
-from srquant.models.registry import REGISTRY, build_model, get_entry
-from srquant.quant.checkpoint import load_quantized, save_quantized
+from srquant.methods.pipeline import load_checkpoint, quantize_model, save_quantized
+from srquant.methods.registry import method_names
+from srquant.models.registry import build_model, get_entry
 from srquant.quant.spec import QuantSpec
 
 SMALL = GranularDQConfig(
@@ -70,25 +63,29 @@ def _draw(gen: torch.Generator):
     return draw
 
 
-@pytest.fixture
-def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A tiny Granular-DQ IMDN x2 (QAT: weights move too), its checkpoint, and the registry set to tiny models."""
+def _quantized(config: GranularDQConfig = None):  # type: ignore[assignment]
+    """A tiny Granular-DQ IMDN x2 (QAT: weights move too), trained with its controller attached."""
     torch.manual_seed(0)
     model = build_model("imdn", 2, tiny=True).eval()
-    result = run_granular_dq(model, get_entry("imdn").layout, _draw(torch.Generator().manual_seed(1)), SMALL)
-    spec = QuantSpec(8, 8, weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False)
+    return model, run_granular_dq(model, get_entry("imdn").layout, _draw(torch.Generator().manual_seed(1)), config)
+
+
+@pytest.fixture
+def saved(tmp_path: Path):
+    """A tiny Granular-DQ IMDN x2 and its checkpoint."""
+    model, result = _quantized(SMALL)
     path = tmp_path / "gdq.pt"
-    save_quantized(model, path, "imdn", spec, {"method": "granular-dq"}, granular_state(model, result))
-    entry = REGISTRY["imdn"]
-    monkeypatch.setitem(REGISTRY, "imdn", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
+    save_quantized(model, path, "granular-dq", result.spec, {}, checkpoint_state(model, result))
     return model, result, path
 
 
 def test_granular_checkpoint_reloads_bits_and_outputs_exactly(saved) -> None:
     model, result, path = saved
-    again, record, controller = load_dynamic(path)
-    assert isinstance(controller, GranularityBitController) and not controller.training
-    assert record["dynamic"]["method"] == "granular-dq" and record["dynamic"]["head"] == result.head
+    loaded = load_checkpoint(path)
+    wrapper, again = loaded.model, loaded.network
+    assert isinstance(wrapper, PatchwiseBitsModel) and not wrapper.controller.training
+    controller = wrapper.controller
+    assert loaded.record["method_state"]["head"] == result.head
     assert controller.layer_names == result.controller.layer_names
     assert torch.equal(controller.thresholds, result.controller.thresholds)
     for name in result.layers:
@@ -107,19 +104,18 @@ def test_granular_checkpoint_reloads_bits_and_outputs_exactly(saved) -> None:
     assert all(p.bit in (4, 5, 6, 8) for p in bits_b)
 
 
-def test_granular_checkpoint_needs_the_prepare_step(saved) -> None:
-    _, _, path = saved
-    with pytest.raises(SrquantError, match="prepare_dynamic"):
-        load_quantized(path)
-    model, record = load_quantized(path, prepare_dynamic)
-    assert restore_dynamic(model, {"dynamic": None}) is None
-    with pytest.raises(SrquantError, match="unknown dynamic method"):
-        prepare_dynamic(model, {"dynamic": {"method": "cadyq"}})
+def test_a_granular_checkpoint_without_its_state_is_refused(saved, tmp_path: Path) -> None:
+    model, result, _ = saved
+    path = tmp_path / "bare.pt"
+    save_quantized(model, path, "granular-dq", result.spec, {}, None)
+    with pytest.raises(SrquantError, match="must hold its controller"):
+        load_checkpoint(path)
 
 
 def test_evaluate_patchwise_reports_mean_patch_bit(saved, tmp_path: Path) -> None:
     _, _, path = saved
-    model, _, controller = load_dynamic(path)
+    model = load_checkpoint(path).model
+    model.patch, model.stride = 16, 12
     gen = torch.Generator().manual_seed(3)
     hr_dir = tmp_path / "toy" / "HR"
     for name in ("a", "b"):
@@ -127,10 +123,15 @@ def test_evaluate_patchwise_reports_mean_patch_bit(saved, tmp_path: Path) -> Non
         write_image(hr_dir / f"{name}.png", (hr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     dataset = BenchmarkSet("toy", hr_dir, tmp_path / "cache")
     log: dict[str, dict[str, object]] = {}
-    runner = PatchwiseRunner(model, controller, 2, patch=16, step=12, bit_log=log, bitmap_dir=tmp_path / "maps")
     calls = []
-    model.register_forward_pre_hook(lambda _m, args: calls.append(0 if args[0].is_meta else args[0].shape[0]))
-    (res,) = evaluate_dataset(model, dataset, 2, progress=False, per_image=runner.measure, upscaler=runner)
+    model.network.register_forward_pre_hook(lambda _m, args: calls.append(0 if args[0].is_meta else args[0].shape[0]))
+
+    def per_image(name: str, lr: torch.Tensor) -> dict[str, float]:
+        log[name] = model.image_record(lr)
+        write_image(tmp_path / "maps" / f"{name}.png", model.bit_map(lr))
+        return model.image_metrics(lr)
+
+    (res,) = evaluate_dataset(model, dataset, 2, progress=False, per_image=per_image)
     patches = {name: entry["patches"] for name, entry in log.items()}
     assert sorted(patches) == ["a", "b"]
     assert sum(calls) == sum(len(p) for p in patches.values())  # each patch ran once: measuring runs nothing
@@ -139,14 +140,12 @@ def test_evaluate_patchwise_reports_mean_patch_bit(saved, tmp_path: Path) -> Non
         assert read_image(tmp_path / "maps" / f"{name}.png").shape == (40, 52, 3)
     assert res.extras["fab"] == pytest.approx((log["a"]["fab"] + log["b"]["fab"]) / 2)
     assert res.extras["bitops_g"] > 0 and res.psnr > 0
-    upscaler, measure = eval_hooks(model, controller, 2)
-    assert isinstance(upscaler, PatchwiseRunner) and measure == upscaler.measure
-    with pytest.raises(SrquantError, match="same LR image"):
-        upscaler.measure("x", torch.zeros(1, 3, 8, 8))
+    (default,) = evaluate_dataset(model, dataset, 2, progress=False)  # the model measures itself by default
+    assert default.extras == pytest.approx(res.extras) and default.psnr == res.psnr
 
 
 def test_cli_granular_dq_on_a_real_network(assets: Path, tmp_path: Path) -> None:
-    assert "granular-dq" in METHODS
+    assert "granular-dq" in method_names()
     out, report, bits, maps = tmp_path / "imdn_gdq.pt", tmp_path / "r.json", tmp_path / "bits.json", tmp_path / "m"
     argv = ["quantize", "--model", "imdn", "--scale", "4", "--method", "granular-dq", "--wbits", "8", "--abits", "8"]
     assert main(argv + ["--iterations", "1", "-o", str(out), "--assets", str(assets), "--no-progress"]) == 0
@@ -161,26 +160,23 @@ def test_cli_granular_dq_on_a_real_network(assets: Path, tmp_path: Path) -> None
         assert entry["fab"] == pytest.approx(sum(p["bit"] for p in entry["patches"]) / len(entry["patches"]))
         assert (maps / "Set5" / f"{name}.png").is_file()
     assert sum(entry["fab"] for entry in per_image.values()) / 5 == pytest.approx(row["fab"])
-    (same,) = api.evaluate_quantized(out, ["Set5"], 4, assets=assets)  # the Python API gives the same numbers
-    assert same.extras == pytest.approx({"fab": row["fab"], "bitops_g": row["bitops_g"]})
+    (same,) = api.evaluate_model(out, 4, ["Set5"], assets=assets, device="cpu").results  # the same via the API
+    assert {k: same.extras[k] for k in ("fab", "bitops_g")} == pytest.approx(
+        {"fab": row["fab"], "bitops_g": row["bitops_g"]}
+    )
     assert same.psnr == pytest.approx(row["psnr"])
 
 
 @pytest.mark.parametrize(
     "switches", [{"fixed_bits": 4}, {"e2b": False, "atc": False}, {"atc": False}], ids=["fixed4", "gbc", "e2b"]
 )
-def test_switches_survive_save_and_load(switches: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    model = build_model("imdn", 2, tiny=True).eval()
+def test_switches_survive_save_and_load(switches: dict, tmp_path: Path) -> None:
     config = dataclasses.replace(SMALL, **switches)
-    result = run_granular_dq(model, get_entry("imdn").layout, _draw(torch.Generator().manual_seed(1)), config)
+    model, result = _quantized(config)
     path = tmp_path / "gdq.pt"
-    spec = QuantSpec(8, max(config.candidate_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False)
-    save_quantized(model, path, "imdn", spec, {"method": "granular-dq"}, granular_state(model, result))
-    entry = REGISTRY["imdn"]
-    monkeypatch.setitem(REGISTRY, "imdn", dataclasses.replace(entry, kwargs=entry.tiny_kwargs))
-    again, record, controller = load_dynamic(path)
-    assert isinstance(controller, GranularityBitController)
+    save_quantized(model, path, "granular-dq", result.spec, {}, checkpoint_state(model, result))
+    loaded = load_checkpoint(path)
+    again, controller, record = loaded.network, loaded.model.controller, loaded.record
     mine = result.controller
     assert (controller.use_e2b, controller.use_atc, controller.fixed_bits) == (
         mine.use_e2b,
@@ -188,8 +184,9 @@ def test_switches_survive_save_and_load(switches: dict, tmp_path: Path, monkeypa
         mine.fixed_bits,
     )
     assert (controller.use_e2b, controller.use_atc) == (config.e2b, config.atc)
-    assert controller.fixed_bits == config.fixed_bits and record["dynamic"]["config"]["fixed_bits"] == config.fixed_bits
-    assert all(layer["bits"] == list(config.candidate_bits) for layer in record["dynamic"]["layers"])
+    state = record["method_state"]
+    assert controller.fixed_bits == config.fixed_bits and state["config"]["fixed_bits"] == config.fixed_bits
+    assert all(layer["bits"] == list(config.candidate_bits) for layer in state["layers"])
     image = _image(torch.Generator().manual_seed(5), 40, 52)
     sr_a, bits_a = upscale_patchwise(model, mine, image, patch=16, step=12)
     sr_b, bits_b = upscale_patchwise(again, controller, image, patch=16, step=12)
@@ -197,23 +194,6 @@ def test_switches_survive_save_and_load(switches: dict, tmp_path: Path, monkeypa
     assert torch.equal(sr_a, sr_b) and bits_a == bits_b and torch.equal(sr_b, sr_c) and bits_b == bits_c
     used = {p.bit for p in bits_b}
     assert used == {4} if config.fixed_bits == 4 else used <= ({4, 6, 8} if not config.e2b else {4, 5, 6, 8})
-
-
-def test_checkpoint_from_before_the_switches_loads_with_defaults(saved) -> None:
-    model, result, path = saved
-    again, record = load_quantized(path, prepare_dynamic)
-    for key in ("e2b", "atc", "fixed_bits", "entropy_patch"):
-        del record["dynamic"]["config"][key]
-    extra = record["dynamic"]["state"]["_extra_state"]
-    for key in ("use_e2b", "use_atc", "fixed_bits"):
-        del extra[key]
-    controller = restore_dynamic(again, record)
-    assert isinstance(controller, GranularityBitController)
-    assert (controller.use_e2b, controller.use_atc, controller.fixed_bits) == (True, True, None)
-    image = _image(torch.Generator().manual_seed(6), 40, 52)
-    sr_a, bits_a = upscale_patchwise(model, result.controller, image, patch=16, step=12)
-    sr_b, bits_b = upscale_patchwise(again, controller, image, patch=16, step=12)
-    assert torch.equal(sr_a, sr_b) and bits_a == bits_b
 
 
 def _calibration_folder(folder: Path, sizes: list[int]) -> Path:
@@ -230,7 +210,7 @@ def test_pipeline_calibrates_thresholds_on_test_sized_patches(
     sides: list[int], expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     drawn: list[torch.Tensor] = []
-    real = pipeline.run_granular_dq
+    real = granular_dq.run_granular_dq
 
     def spy(*args: object, draw_entropy_batch: Callable[[int], torch.Tensor], **kwargs: object) -> object:
         def wrapped(n: int) -> torch.Tensor:
@@ -239,7 +219,7 @@ def test_pipeline_calibrates_thresholds_on_test_sized_patches(
 
         return real(*args, draw_entropy_batch=wrapped, **kwargs)
 
-    monkeypatch.setattr(pipeline, "run_granular_dq", spy)
+    monkeypatch.setattr(granular_dq, "run_granular_dq", spy)
     folder = _calibration_folder(tmp_path / "train", sides)
     torch.manual_seed(0)
     model = build_model("imdn", 4, tiny=True).eval()
@@ -251,4 +231,5 @@ def test_pipeline_calibrates_thresholds_on_test_sized_patches(
     assert [tuple(b.shape) for b in drawn] == [(3, 3, expected, expected)] * 2
     entropies = torch.cat([patch_entropy(b) for b in drawn])
     wanted = torch.quantile(entropies, torch.tensor([0.5, 0.9]))
-    torch.testing.assert_close(result.dynamic["state"]["thresholds"], wanted)  # atc off: still the calibrated ones
+    thresholds = result.state["controller"]["thresholds"]
+    torch.testing.assert_close(thresholds, wanted)  # atc off: still the calibrated ones

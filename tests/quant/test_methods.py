@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from srquant.cli import main
-from srquant.methods.pipeline import get_preset, quantize_model
+from srquant.methods.pipeline import quantize_model
 from srquant.methods.ptq import calibrate
-from srquant.methods.twodquant import DQCConfig, normalised_feature_distance, run_dqc
+from srquant.methods.registry import get_method
+from srquant.methods.training import normalised_feature_distance
+from srquant.methods.twodquant import TwoDQuantConfig, run_dqc
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.quantize import bound_parameters, quantize_, quantizers
 from srquant.quant.spec import QuantSpec
@@ -36,7 +38,7 @@ def _sampler(seed: int = 0):
 def test_dqc_trains_only_bounds_and_lowers_the_loss() -> None:
     model = _calibrated()
     weights = {k: v.clone() for k, v in model.state_dict().items() if "bound" not in k}
-    report = run_dqc(model, _sampler(), DQCConfig(iterations=30, batch_size=2, lr=1e-2, augment=False))
+    report = run_dqc(model, _sampler(), TwoDQuantConfig(iterations=30, batch_size=2, lr=1e-2, augment=False))
     assert len(report.losses) == 30 and not report.rollbacks
     assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
     after = model.state_dict()
@@ -55,7 +57,7 @@ def test_divergence_guard_rolls_back_to_the_last_good_bounds() -> None:
             batch[0, 0, 0, 0] = float("nan")  # the loss turns NaN on these steps
         return batch
 
-    report = run_dqc(model, poisoned, DQCConfig(iterations=12, batch_size=2, augment=False))
+    report = run_dqc(model, poisoned, TwoDQuantConfig(iterations=12, batch_size=2, augment=False))
     assert len(report.rollbacks) == 2 and "lr halved" in report.rollbacks[0]
     assert all(torch.isfinite(p).all() for p in bound_parameters(model))
     with torch.no_grad():
@@ -77,8 +79,9 @@ def test_loss_blow_up_trips_the_guard_and_restores_the_bounds() -> None:
                     q.upper_bound.fill_(1e6)
         return inputs(n)
 
-    report = run_dqc(model, runaway, DQCConfig(iterations=12, batch_size=2, augment=False))
-    assert len(report.rollbacks) == 1 and report.rollbacks[0].startswith("step 9:")
+    report = run_dqc(model, runaway, TwoDQuantConfig(iterations=12, batch_size=2, augment=False))
+    # Draws 1-4 seed the guard's history, so draw 10 is step 5.
+    assert len(report.rollbacks) == 1 and report.rollbacks[0].startswith("step 5:")
     # EDSR works on a 0..255 scale: restored bounds are of that order, far from the corrupted +-1e6.
     assert all(q.upper_bound.abs().item() < 1e4 and q.lower_bound.abs().item() < 1e4 for q in inputs_q)
 
@@ -111,18 +114,22 @@ def test_pipeline_runs_2dquant_on_a_folder(tmp_path: Path) -> None:
         calib_size=8,
         iterations=3,
         batch_size=2,
-        dqc_crop=8,
+        crop=8,
     )
-    assert result.dqc is not None and len(result.dqc.losses) == 3
+    assert len(result.losses) == 3
     assert result.settings["calib_size"] == 64  # rounded up to LMLT's padding multiple
     assert result.calib_seconds > 0
 
 
 def test_presets() -> None:
-    paper, code = get_preset("paper"), get_preset("code")
-    assert (paper.dqc.iterations, paper.dqc.batch_size, paper.dqc.schedule) == (3000, 32, "cosine")
-    assert (code.dqc.iterations, code.dqc.batch_size, code.dqc.betas) == (4000, 16, (0.9, 0.99))
-    assert get_preset("cpu", iterations=7).dqc.iterations == 7
+    method = get_method("2dquant")
+    paper, code = method.config("paper"), method.config("code")
+    assert (paper.iterations, paper.batch_size, paper.schedule) == (3000, 32, "cosine")
+    assert (code.iterations, code.batch_size, code.betas) == (4000, 16, (0.9, 0.99))
+    assert method.config("cpu", {"iterations": 7}).iterations == 7
+    # The papers' presets keep the papers' per-tensor weights; srquant's own recipes use per-channel ones.
+    assert method.default_granularity("paper") == method.default_granularity("code") == "tensor"
+    assert method.default_granularity("cpu") == method.default_granularity("gpu") == "channel"
 
 
 def test_cli_quantize_and_eval_a_real_network(assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

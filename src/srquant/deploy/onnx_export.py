@@ -48,8 +48,8 @@ from srquant.deploy.layout_rewrites import (
 from srquant.deploy.uint8_rewrites import concat_in_uint8, requantize_in_uint8, sink_dequantize
 from srquant.errors import SrquantError
 from srquant.quant.modules import is_quantized
-from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS, fp_mode
-from srquant.quant.quantizers import AsymmetricQuantizer, Quantizer, QuantMode, SymmetricQuantizer
+from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS, fp_mode, quantizers
+from srquant.quant.quantizers import Quantizer, QuantMode
 
 OPSET = 17
 
@@ -66,6 +66,8 @@ class ConvQuantParams:
     bias: np.ndarray | None  # float32; quantized to int32 at export
     weight_exact: bool  # the fake-quant weight equals codes * scales exactly
     output_grid: tuple[float, int] | None  # (scale, zero point) of the simulated output quantizer, if any
+    peak_code: int = 0  # the largest |weight code|: above 64, u8 x s8 kernels without VNNI saturate
+    input_exact: bool = True  # the input grid has an integer zero point (else it is rounded at export)
 
 
 @dataclass
@@ -88,48 +90,46 @@ class ExportReport:
     dynamic_axes: bool = True
 
 
-def _input_grid(name: str, q: nn.Module) -> tuple[float, int]:
-    """uint8 scale and zero point of an 8-bit asymmetric quantizer (its grid shifted by less than half a step)."""
-    if not isinstance(q, AsymmetricQuantizer) or q.groups != 1:
-        raise SrquantError(f"{name}: only per-tensor asymmetric activation quantizers export to ONNX")
+SATURATION_FREE_CODE = 64  # |weight code| <= 64: u8 x s8 pairs stay inside int16 (2 * 255 * 64 < 32767)
+
+
+def _input_grid(name: str, q: Quantizer) -> tuple[float, int, bool]:
+    """uint8 scale and zero point of an 8-bit activation quantizer, read off its grid, and whether they are its
+    grid exactly (a fractional zero point is rounded: the grid shifts by less than half a step)."""
     if q.bits_override is not None:
         raise SrquantError(f"{name}: dynamic per-image bits have no static integer graph; export a fixed-bit model")
-    if q.bits != 8:
+    grid = q.grid()
+    if grid.rows != 1:
+        raise SrquantError(f"{name}: only per-tensor activation grids export to ONNX")
+    if int(grid.qmax) - int(grid.qmin) != 255:
         raise SrquantError(f"{name}: activations at {q.bits} bits do not map onto uint8 kernels; export needs A8")
-    with torch.no_grad():
-        lower, upper = q.lower_bound.detach().double(), q.upper_bound.detach().double()
-        step = (upper - lower).clamp_min(1e-8) / 255.0
-        zero = torch.clamp(torch.round(-lower / step), 0, 255)  # what `zero_aligned` uses: an exact match
-    return float(step), int(zero)
+    zero = round(float(grid.zero_point)) - int(grid.qmin)
+    return float(grid.scale), int(min(max(zero, 0), 255)), grid.integer_zero_point()
 
 
-def _weight_grid(name: str, module: nn.Conv2d | nn.Linear) -> tuple[np.ndarray, np.ndarray, bool]:
-    """int8 codes and per-output-channel scales of the fake-quantized weight.
+def _weight_grid(name: str, module: nn.Conv2d | nn.Linear) -> tuple[np.ndarray, np.ndarray, bool, int]:
+    """int8 codes and per-output-channel scales of the fake-quantized weight; whether they are exact; the
+    largest code magnitude.
 
-    A symmetric quantizer of at most 8 bits maps exactly (codes are its own integers). Other grids (asymmetric
-    bounds whose grid misses zero) are re-gridded symmetrically per channel at 8 bits from their dequantized
-    values, which is finer than their own grid but not identical; the report lists them.
+    A grid with zero points at 0 and at most 8 bits maps exactly: the codes are its own integers, per tensor or
+    per output channel. Other grids (asymmetric bounds whose grid misses zero) are re-gridded symmetrically per
+    channel at 8 bits from their dequantized values, which is finer than their own grid but not identical.
     """
     q = module.weight_quantizer
-    if q.bits > 8:
-        raise SrquantError(f"{name}: {q.bits}-bit weights do not fit int8")
+    grid = q.grid()
+    out = module.weight.shape[0]
+    if int(grid.bits) > 8:
+        raise SrquantError(f"{name}: {grid.bits}-bit weights do not fit int8")
+    scale, zero = grid.per_channel(out)
+    if bool((zero == 0).all()) and int(grid.qmin) >= -128 and int(grid.qmax) <= 127:
+        codes = q.to_codes(module.weight)
+        return codes.to(torch.int8).cpu().numpy(), scale.float().cpu().numpy(), True, int(codes.abs().max())
     with torch.no_grad():
-        saved = q.mode
-        q.mode = QuantMode.QUANT
-        values = q(module.weight.detach()).double()
-        q.mode = saved
-    out = values.shape[0]
-    if isinstance(q, SymmetricQuantizer):
-        step = float(q.upper_bound.detach().abs().clamp_min(1e-8)) / (2 ** (q.bits - 1) - 1)
-        codes = torch.round(values / step)
-        scales = np.full(out, step, dtype=np.float64)
-    else:
-        peak = values.reshape(out, -1).abs().amax(dim=1).clamp_min(1e-12)
-        scales = (peak / 127.0).numpy()
-        codes = torch.round(values / torch.from_numpy(scales).view(-1, *([1] * (values.dim() - 1))))
-    back = codes * torch.from_numpy(scales).view(-1, *([1] * (values.dim() - 1)))
-    exact = bool(torch.allclose(back, values, rtol=0, atol=1e-7 * float(values.abs().max().clamp_min(1))))
-    return codes.clamp(-127, 127).to(torch.int8).numpy(), scales.astype(np.float32), exact
+        values = grid.fake(module.weight.detach()).double().cpu()
+    peak = values.reshape(out, -1).abs().amax(dim=1).clamp_min(1e-12)
+    scales = (peak / 127.0).numpy()
+    codes = torch.round(values / torch.from_numpy(scales).view(-1, *([1] * (values.dim() - 1))))
+    return codes.clamp(-127, 127).to(torch.int8).numpy(), scales.astype(np.float32), False, int(codes.abs().max())
 
 
 def conv_params(model: nn.Module) -> dict[str, ConvQuantParams]:
@@ -144,13 +144,13 @@ def conv_params(model: nn.Module) -> dict[str, ConvQuantParams]:
             raise SrquantError(f"{name}: only quantized Conv2d and Linear layers export to ONNX, not {kind}")
         if module.input_quantizer.mode is not QuantMode.QUANT or module.weight_quantizer.mode is not QuantMode.QUANT:
             continue
-        scale, zero = _input_grid(name, module.input_quantizer)
-        codes, scales, exact = _weight_grid(name, module)
-        bias = module.bias.detach().numpy().astype(np.float32) if module.bias is not None else None
+        scale, zero, input_exact = _input_grid(name, module.input_quantizer)
+        codes, scales, exact, peak = _weight_grid(name, module)
+        bias = module.bias.detach().cpu().numpy().astype(np.float32) if module.bias is not None else None
         out_q = module._modules.get("output_quantizer")
         simulated = out_q is not None and out_q.mode is QuantMode.QUANT
-        output = _input_grid(f"{name}.output_quantizer", out_q) if simulated else None
-        params[name] = ConvQuantParams(name, scale, zero, codes, scales, bias, exact, output)
+        output = _input_grid(f"{name}.output_quantizer", out_q)[:2] if simulated else None
+        params[name] = ConvQuantParams(name, scale, zero, codes, scales, bias, exact, output, peak, input_exact)
     if not params:
         raise SrquantError("the model has no quantized conv or linear layer in QUANT mode: nothing to export")
     return params
@@ -194,13 +194,10 @@ class _GlueQDQ(nn.Module):
 def glue_grids(model: nn.Module) -> dict[str, tuple[float, int]]:
     """uint8 grids of the quantizers on tensors between layers that run in QUANT mode: the glue taps and the
     attention matmuls' operands (query, key, value, softmax map)."""
-    named = model.named_modules(remove_duplicate=False)  # a glue quantizer may also be a layer's input one
     return {
-        name: _input_grid(name, q)
-        for name, q in named
-        if isinstance(q, Quantizer)
-        and (name.endswith(GLUE_HOOK_SUFFIX) or name.rpartition(".")[2] in MATMUL_HOOKS)
-        and q.mode is QuantMode.QUANT
+        name: _input_grid(name, q)[:2]
+        for name, q in quantizers(model, every_name=True)
+        if (name.endswith(GLUE_HOOK_SUFFIX) or name.rpartition(".")[2] in MATMUL_HOOKS) and q.mode is QuantMode.QUANT
     }
 
 
@@ -525,17 +522,52 @@ def _widen_narrow_convs(graph, calls: Sequence[tuple[str, object, str]]) -> list
     return widened
 
 
+def export_gaps(model: nn.Module, params: dict[str, ConvQuantParams] | None = None) -> list[str]:
+    """What keeps a quantized model from an exact and fast integer graph, each with the switch that fixes it.
+
+    Exact: symmetric weights (zero point 0), weight codes within +-64 (onnxruntime's u8 x s8 kernels on CPUs
+    without VNNI add code pairs in int16 and saturate beyond that: 7-bit weight grids are exact on every x86
+    CPU), simulated layer outputs. Fast: the tensors between layers quantized where the architecture marks them.
+    """
+    params = params if params is not None else conv_params(model)
+    gaps = []
+    regridded = [name for name, p in params.items() if not p.weight_exact]
+    if regridded:
+        gaps.append(f"{len(regridded)} layers have asymmetric weights (use --weight-quantizer symmetric)")
+    wide = [name for name, p in params.items() if p.weight_exact and p.peak_code > SATURATION_FREE_CODE]
+    if wide:
+        gaps.append(
+            f"{len(wide)} layers have weight codes beyond +-{SATURATION_FREE_CODE}, which int8 kernels without VNNI "
+            "saturate (use 7-bit weights: --deploy onnxruntime)"
+        )
+    unaligned = [name for name, p in params.items() if not p.input_exact]
+    if unaligned:
+        gaps.append(f"{len(unaligned)} input grids have no integer zero point (use --output-bits 8)")
+    unsimulated = [name for name, p in params.items() if p.output_grid is None]
+    if unsimulated:
+        gaps.append(f"{len(unsimulated)} layer outputs are not simulated (use --output-bits 8)")
+    quantized = dict(quantizers(model, every_name=True))
+    taps = [name for name, _ in model.named_modules() if name.endswith(GLUE_HOOK_SUFFIX)]
+    float_glue = [name for name in taps if name not in quantized]
+    if float_glue:
+        gaps.append(f"{len(float_glue)} tensors between layers stay float (use --glue-bits 8)")
+    return gaps
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     calib_inputs: Sequence[torch.Tensor] | None = None,
     size: tuple[int, int] | None = None,
     layout_rewrites: bool = True,
+    allow_inexact: bool = False,
 ) -> ExportReport:
     """Write `model` (fixed-bit, A8, weights <= 8 bit) as an integer QDQ ONNX graph; returns what was done.
 
     Networks that pad inside (window transformers) are exported for one LR `size`; the others take any size.
     `layout_rewrites` (exact) splits wide grouped convs per group and writes pixel shuffles channels-last.
+    A model whose integer graph would not compute what it computes, or would run float between its integer
+    kernels, is refused with the missing pieces named (`export_gaps`), unless `allow_inexact`.
     """
     try:
         import onnx
@@ -543,6 +575,9 @@ def export_onnx(
         raise SrquantError("ONNX export needs the deploy extra: pip install 'srquant[deploy]'") from err
     model = model.eval()
     params = conv_params(model)
+    gaps = export_gaps(model, params)
+    if gaps and not allow_inexact:
+        raise SrquantError(f"this model would export inexact or slow: {'; '.join(gaps)} (or pass --allow-inexact)")
     dynamic = int(getattr(model, "pad_multiple", 1)) == 1
     if not dynamic and size is None:
         raise SrquantError(f"{type(model).__name__} pads inside its forward: give the LR size to export for")

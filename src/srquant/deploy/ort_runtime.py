@@ -1,4 +1,4 @@
-"""onnxruntime sessions for exported graphs: an upscaler callable for evaluation, and session settings."""
+"""onnxruntime sessions for exported graphs: a model wrapper for evaluation, and session settings."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from srquant.errors import SrquantError
 
@@ -33,13 +34,15 @@ def ort_session(path: str | Path, threads: int | None = None, level: str = "all"
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OrtUpscaler:
-    """Runs an exported graph on a 1x3xHxW LR tensor in [0, 1]; a drop-in `upscaler` for evaluation."""
+class OrtUpscaler(nn.Module):
+    """Runs an exported graph on a 1x3xHxW LR tensor in [0, 1]: a model `evaluate` can score like any other."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, level: str = "all") -> None:
+    def __init__(self, path: str | Path, scale: int, threads: int | None = None, level: str = "all") -> None:
+        super().__init__()
         self.session = ort_session(path, threads, level)
         self.input_name = self.session.get_inputs()[0].name
+        self.scale = scale
 
-    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(lr.detach().to(torch.float32).numpy())
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(lr.detach().cpu().to(torch.float32).numpy())
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])

@@ -127,19 +127,29 @@ def peak_memory_mb(path: str | Path, size: tuple[int, int], threads: int, level:
     return int(done.stdout.strip().splitlines()[-1]) / 1024.0
 
 
-class SizedExport:
-    """An upscaler for networks exported per input size (window transformers): one graph per LR size, cached."""
+class SizedExport(nn.Module):
+    """The integer graphs of a network exported per input size (window transformers): one per LR size, cached."""
 
-    def __init__(self, model: nn.Module, workdir: Path, calib_inputs: Sequence[torch.Tensor] | None, threads: int):
-        self.model, self.workdir, self.calib_inputs, self.threads = model, workdir, calib_inputs, threads
+    def __init__(
+        self,
+        model: nn.Module,
+        workdir: Path,
+        calib_inputs: Sequence[torch.Tensor] | None,
+        threads: int,
+        allow_inexact: bool = False,
+    ) -> None:
+        super().__init__()
+        self.quantized, self.workdir, self.calib_inputs, self.threads = [model], workdir, calib_inputs, threads
+        self.allow_inexact = allow_inexact
+        self.scale = int(model.scale)
         self.runners: dict[tuple[int, int], OrtUpscaler] = {}
 
-    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
         size = (int(lr.shape[-2]), int(lr.shape[-1]))
         if size not in self.runners:
             path = self.workdir / f"int_{size[0]}x{size[1]}.onnx"
-            export_onnx(self.model, path, self.calib_inputs, size)
-            self.runners[size] = OrtUpscaler(path, self.threads)
+            export_onnx(self.quantized[0], path, self.calib_inputs, size, allow_inexact=self.allow_inexact)
+            self.runners[size] = OrtUpscaler(path, self.scale, self.threads)
         return self.runners[size](lr)
 
 
@@ -201,19 +211,22 @@ def bench_onnxruntime(
     threads: int,
     runs: int,
     calib_inputs: Sequence[torch.Tensor] | None,
-    psnr: Callable[[Callable[[torch.Tensor], torch.Tensor] | None], float] | None = None,
+    psnr: Callable[[nn.Module], float] | None = None,
     workdir: str | Path | None = None,
+    allow_inexact: bool = False,
 ) -> SpeedReport:
     """Export `model` as float and integer graphs, time both on one LR size, and compare Set5 PSNR.
 
-    `psnr(upscaler)` scores the fake-quant model when given None and the integer graph when given an upscaler.
+    `psnr(m)` scores a model: the fake-quant one, then the integer graph (as an `OrtUpscaler`).
     """
     with tempfile.TemporaryDirectory(prefix="srquant-speed-") as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         int_path = folder / "int.onnx"
         fixed = int(getattr(model, "pad_multiple", 1)) != 1
-        report: ExportReport = export_onnx(model, int_path, calib_inputs, size if fixed else None)
+        report: ExportReport = export_onnx(
+            model, int_path, calib_inputs, size if fixed else None, allow_inexact=allow_inexact
+        )
         graphs = {"int": (int_path, INT_LEVELS)} | fp32_graphs(model, folder, size if fixed else None)
         settings = {f"{kind}:{level}": (path, level) for kind, (path, levels) in graphs.items() for level in levels}
         timings = timed_in_fresh_process(settings, size, threads, runs)
@@ -252,8 +265,13 @@ def bench_onnxruntime(
             },
         )
         if psnr is not None:
-            upscaler = SizedExport(model, folder, calib_inputs, threads) if fixed else OrtUpscaler(int_path, threads)
-            result.psnr_fake = psnr(None)
-            result.psnr_int = psnr(upscaler)
+            scale = int(model.scale)
+            integer = (
+                SizedExport(model, folder, calib_inputs, threads, allow_inexact)
+                if fixed
+                else OrtUpscaler(int_path, scale, threads)
+            )
+            result.psnr_fake = psnr(model)
+            result.psnr_int = psnr(integer)
             result.psnr_delta_db = result.psnr_int - result.psnr_fake
         return result

@@ -1,99 +1,69 @@
-"""One call from a float zoo model to a calibrated quantized one: quantize_ -> calibrate (-> DQC).
+"""One call from a float network to a calibrated quantized one, and the checkpoint that keeps it.
 
-Methods: `minmax`, `percentile`, `dobi` (PTQ bound calibration) and `2dquant` (DOBI, then DQC); the
-dynamic-bit `adabm` and `granular-dq` use their own configs (`code` means `paper` for Granular-DQ). Schedules
-come from named presets: `paper` (2DQuant section 4.1), `code` (2DQuant's released config) and `cpu` (the
-same algorithm with a schedule that fits a 2-core CPU); every field can be overridden.
+`quantize_model` looks the method up in the registry, builds its config from a preset and overrides, and runs
+it; `save_quantized` / `load_quantized` write and read the result through the method's own hooks, so the
+reloaded model computes what the saved one computed (dynamic bit controllers included), on any device.
+Nothing here knows any particular method.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import time
+import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from srquant.data.calibration import CropSampler
-from srquant.data.io import list_images
 from srquant.errors import SrquantError
-from srquant.methods.adabm import AdaBMConfig, get_adabm_preset, run_adabm
-from srquant.methods.dynamic import dynamic_state, granular_state
-from srquant.methods.granular_dq import GranularDQConfig, get_granular_dq_preset, run_granular_dq
-from srquant.methods.ptq import calibrate
-from srquant.methods.twodquant import DQCConfig, DQCReport, run_dqc
+from srquant.methods.base import CalibrationData
+from srquant.methods.registry import get_method
 from srquant.models.layout import QuantLayout
-from srquant.quant.quantize import QuantReport, quantize_
+from srquant.models.registry import architecture_record, build_from_record, get_entry
+from srquant.quant.checkpoint import FORMAT, network_state, read_record, restore_network
+from srquant.quant.quantize import QuantReport
 from srquant.quant.spec import QuantSpec
-
-log = logging.getLogger(__name__)
-METHODS = ("minmax", "percentile", "dobi", "2dquant", "adabm", "granular-dq")
-
-
-@dataclass(frozen=True)
-class PTQPreset:
-    """Calibration data and DQC schedule for one preset."""
-
-    calib_count: int = 32
-    calib_size: int = 64
-    calib_batch: int = 8
-    dqc_crop: int = 64
-    dqc: DQCConfig = field(default_factory=DQCConfig)
-    percentile: float = 99.99
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if min(self.calib_count, self.calib_size, self.calib_batch, self.dqc_crop) < 1:
-            raise SrquantError("preset sizes must be positive")
-
-
-PRESETS: dict[str, PTQPreset] = {
-    # 2DQuant paper, section 4.1: 32 LR crops of 64x64 for DOBI; DQC 3000 iterations, batch 32, Adam 1e-2,
-    # betas (0.9, 0.999), cosine annealing; lambda is not given in the paper, the code's 5 is used.
-    "paper": PTQPreset(dqc=DQCConfig(iterations=3000, batch_size=32, lr=1e-2, betas=(0.9, 0.999), schedule="cosine")),
-    # Released code (options/train/train_2DQuant_x4.yml): 4000 iterations, batch 16, betas (0.9, 0.99),
-    # constant learning rate.
-    "code": PTQPreset(dqc=DQCConfig(iterations=4000, batch_size=16, lr=1e-2, betas=(0.9, 0.99), schedule="constant")),
-    # CPU: the same algorithm and data; fewer and smaller DQC steps (sized in docs/quantization.md).
-    "cpu": PTQPreset(
-        calib_count=32,
-        calib_size=64,
-        dqc_crop=40,
-        dqc=DQCConfig(iterations=100, batch_size=4, lr=1e-2, betas=(0.9, 0.999), schedule="cosine"),
-    ),
-}
 
 
 @dataclass
 class QuantizationResult:
-    """A quantized model and how it was made (for the checkpoint and for reports)."""
+    """A quantized model and how it was made (for the checkpoint and for reports).
+
+    `model` is what to evaluate (the network, or a wrapper that runs it with a dynamic method's bits);
+    `network` is the quantized network itself.
+    """
 
     model: nn.Module
+    network: nn.Module
     method: str
     spec: QuantSpec
     preset: str
     report: QuantReport
     calib_seconds: float
-    dqc: DQCReport | None = None
-    settings: dict[str, object] = field(default_factory=dict)
-    dynamic: dict[str, object] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] | None = None
     rollbacks: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    calib_folder: str = ""
 
+    def meta(self) -> dict[str, Any]:
+        """What the checkpoint records about the run."""
+        return {
+            "method": self.method,
+            "preset": self.preset,
+            "calib_folder": self.calib_folder,
+            "calib_seconds": self.calib_seconds,
+            "settings": self.settings,
+            "quantized": self.report.summary(),
+            "rollbacks": self.rollbacks,
+        }
 
-def get_preset(name: str, **overrides: object) -> PTQPreset:
-    """A named preset with some fields replaced (DQC fields by their DQCConfig names)."""
-    if name not in PRESETS:
-        raise SrquantError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    dqc_fields = {f.name for f in dataclasses.fields(DQCConfig)}
-    dqc_over = {k: v for k, v in overrides.items() if k in dqc_fields and v is not None}
-    own_over = {k: v for k, v in overrides.items() if k not in dqc_fields and v is not None}
-    return dataclasses.replace(preset, dqc=dataclasses.replace(preset.dqc, **dqc_over), **own_over)
+    def save(self, path: str | Path, meta: Mapping[str, Any] | None = None) -> int:
+        """Write the quantized checkpoint atomically; returns its size in bytes."""
+        return save_quantized(self.network, path, self.method, self.spec, {**self.meta(), **(meta or {})}, self.state)
 
 
 def quantize_model(
@@ -105,181 +75,131 @@ def quantize_model(
     preset: str = "cpu",
     datasets_root: Path | None = None,
     progress: bool = False,
-    **overrides: object,
+    **overrides: Any,
 ) -> QuantizationResult:
-    """Quantize a float model in place by `method`; calibration data are LR crops of `calib_folder`."""
-    if method not in METHODS:
-        raise SrquantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method in ("adabm", "granular-dq") and spec.output_bits is not None:
-        raise SrquantError(f"{method} sets per-image activation bits; output quantization is for fixed-bit methods")
-    if method == "adabm":
-        return _quantize_adabm(model, layout, spec, Path(calib_folder), preset, datasets_root, progress, overrides)
-    if method == "granular-dq":
-        return _quantize_granular(model, layout, spec, Path(calib_folder), preset, datasets_root, progress, overrides)
-    config = get_preset(preset, **overrides)
-    scale = int(model.scale)
-    multiple = int(getattr(model, "pad_multiple", 1))
-    # Crops are rounded up to the size the network pads to anyway (64 for LMLT, 24 for ESWT): no wasted work.
-    calib_size = -(-config.calib_size // multiple) * multiple
-    dqc_crop = -(-config.dqc_crop // multiple) * multiple
-    start = time.perf_counter()
-    report = quantize_(model, spec, layout)
-    sampler = CropSampler(Path(calib_folder), scale, calib_size, datasets_root)
-    crops, _ = sampler.draw(config.calib_count, np.random.default_rng(config.seed))
-    batches = list(crops.split(config.calib_batch))
-    calibrate(model, batches, "dobi" if method == "2dquant" else method, config.percentile, progress)
-    dqc_report = None
-    if method == "2dquant" and config.dqc.iterations > 0:
-        dqc_sampler = CropSampler(Path(calib_folder), scale, dqc_crop, datasets_root)
-        rng = np.random.default_rng(config.seed + 1)
-        dqc_report = run_dqc(model, lambda n: dqc_sampler.draw(n, rng)[0], config.dqc, progress)
-    seconds = time.perf_counter() - start
-    settings: dict[str, object] = {"calib_count": config.calib_count, "calib_size": calib_size}
-    if method == "percentile":
-        settings["percentile"] = config.percentile
-    if method == "2dquant":
-        settings.update({"dqc": dataclasses.asdict(config.dqc), "dqc_crop": dqc_crop})
-    rollbacks = dqc_report.rollbacks if dqc_report else []
-    return QuantizationResult(model, method, spec, preset, report, seconds, dqc_report, settings, None, rollbacks)
-
-
-def _quantize_adabm(
-    model: nn.Module,
-    layout: QuantLayout,
-    spec: QuantSpec,
-    calib_folder: Path,
-    preset: str,
-    datasets_root: Path | None,
-    progress: bool,
-    overrides: dict[str, object],
-) -> QuantizationResult:
-    """AdaBM: per-image, per-layer activation bits around spec.a_bits, symmetric weights at spec.w_bits."""
-    fields = {f.name for f in dataclasses.fields(AdaBMConfig)}
-    config = get_adabm_preset(preset, **{k: v for k, v in overrides.items() if k in fields})
-    multiple = int(getattr(model, "pad_multiple", 1))
-    crop = -(-config.crop // multiple) * multiple
-    available = _available_crop_size(calib_folder, int(model.scale), crop)
-    if available < crop:
-        log.warning("AdaBM crops of %d px do not fit the calibration images; using %d px", crop, available)
-        crop = max(multiple, available // multiple * multiple)
-    sampler = CropSampler(calib_folder, int(model.scale), crop, datasets_root)
-    rng = np.random.default_rng(config.seed)
-    result = run_adabm(
-        model,
-        layout,
-        spec.w_bits,
-        spec.a_bits,
-        lambda n: sampler.draw(n, rng)[0],
-        config,
-        full=spec.full,
-        progress=progress,
+    """Quantize a float network in place by a registered method; calibration crops come from `calib_folder`
+    (never a benchmark set), on the network's device."""
+    plugin = get_method(method)
+    config = plugin.config(preset, overrides)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    data = CalibrationData(
+        Path(calib_folder), int(model.scale), device, datasets_root, int(getattr(model, "pad_multiple", 1))
     )
-    used_spec = QuantSpec(spec.w_bits, spec.a_bits, weight_quantizer="symmetric", full=spec.full, matmul=False)
-    settings = {"adabm": dataclasses.asdict(config), "crop": crop, "crop_requested": config.crop}
+    run = plugin.run(model, layout, spec, data, config, progress)
     return QuantizationResult(
+        run.model,
         model,
-        "adabm",
-        used_spec,
+        plugin.name,
+        run.spec,
         preset,
-        result.report,
-        result.seconds,
-        None,
-        settings,
-        dynamic_state(result.controller),
-        result.rollbacks,
+        run.report,
+        run.seconds,
+        run.settings,
+        run.state,
+        run.rollbacks,
+        run.losses,
+        str(calib_folder),
     )
 
 
-def _available_crop_size(folder: Path, scale: int, wanted: int, share: float = 0.5) -> int:
-    """The LR crop size to draw: `wanted` if enough calibration images hold it, else the largest that they do.
-
-    Used for E2B's threshold patches (96 px test patches) and for preset crops too large for small folders
-    (AdaBM's 96 px paper crops at x4 on train291).
-
-    The size is `wanted` or the largest multiple of 8 below it that at least `share` of the folder's images hold
-    as an LR crop at x`scale` (so the entropy quantiles come from many images, not one); if none does, the largest
-    LR side any image has (whole LR images).
-    """
-    sides = []
-    for path in list_images(folder):
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
-        except (UnidentifiedImageError, OSError) as err:
-            reason = str(err).splitlines()[0] if str(err) else "corrupt file"
-            raise SrquantError(f"cannot read image {path}: {reason}") from None
-        sides.append(min(width, height) // scale)
-    if not sides:
-        raise SrquantError(f"calibration folder {folder} has no images")
-    for size in [wanted, *range((wanted - 1) // 8 * 8, 0, -8)]:
-        if sum(side >= size for side in sides) >= share * len(sides):
-            return size
-    return max(1, max(sides))
-
-
-def _quantize_granular(
-    model: nn.Module,
-    layout: QuantLayout,
+def save_quantized(
+    network: nn.Module,
+    path: str | Path,
+    method: str,
     spec: QuantSpec,
-    calib_folder: Path,
-    preset: str,
-    datasets_root: Path | None,
-    progress: bool,
-    overrides: dict[str, object],
-) -> QuantizationResult:
-    """Granular-DQ: patch-wise activation bits among act_bits (or one fixed_bits), LSQ weights at spec.w_bits.
+    meta: Mapping[str, Any],
+    state: Mapping[str, Any] | None = None,
+) -> int:
+    """Write a quantized network, its method and the method's state to `path` atomically; returns the size.
 
-    spec.a_bits is not used (the candidate bits come from the config); the body only is quantized. The E2B
-    thresholds are calibrated on LR patches of the test patch size (`entropy_patch`, 96) or, when the calibration
-    images are too small for it, the largest multiple of 8 that most of them hold (`settings["entropy_patch"]`).
+    Packed weight codes are written from the CPU; the network stays where it is.
     """
-    if spec.full:
-        raise SrquantError("Granular-DQ quantizes the body only; --full does not apply")
-    fields = {f.name for f in dataclasses.fields(GranularDQConfig)}
-    config = get_granular_dq_preset(
-        "paper" if preset == "code" else preset,
-        w_bits=spec.w_bits,
-        **{k: v for k, v in overrides.items() if k in fields and k != "w_bits"},
-    )
-    multiple = int(getattr(model, "pad_multiple", 1))
-    crop = -(-config.patch // multiple) * multiple
-    sampler = CropSampler(calib_folder, int(model.scale), crop, datasets_root)
-    rng = np.random.default_rng(config.seed)
-    if config.loss == "qat":
-
-        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return sampler.draw(n, rng, with_hr=True)
-    else:
-
-        def draw(n: int) -> torch.Tensor:  # type: ignore[misc]
-            return sampler.draw(n, rng)[0]
-
-    entropy_patch = _available_crop_size(calib_folder, int(model.scale), config.entropy_patch)
-    entropy_sampler = CropSampler(calib_folder, int(model.scale), entropy_patch, datasets_root)
-    entropy_rng = np.random.default_rng(config.seed + 1)  # its own stream: the training batches do not change
-
-    def draw_entropy(n: int) -> torch.Tensor:
-        return entropy_sampler.draw(n, entropy_rng)[0]
-
-    result = run_granular_dq(model, layout, draw, config, progress=progress, draw_entropy_batch=draw_entropy)
-    used_spec = QuantSpec(
-        config.w_bits, max(config.candidate_bits), weight_quantizer="lsq", act_quantizer="lsq", matmul=False, full=False
-    )
-    settings = {
-        "granular_dq": dataclasses.asdict(config),
-        "crop": crop,
-        "entropy_patch": entropy_patch,
-        "entropy_count": config.calib_count,
+    record = {
+        "format": FORMAT,
+        "arch": architecture_record(network),
+        "model": architecture_record(network).get("name"),
+        "scale": int(network.scale),
+        "method": method,
+        "spec": spec.to_dict(),
+        "network": network_state(network),
+        "method_state": _to_cpu(dict(state)) if state is not None else None,
+        "meta": dict(meta),
     }
-    return QuantizationResult(
-        model,
-        "granular-dq",
-        used_spec,
-        preset,
-        result.report,
-        result.seconds,
-        None,
-        settings,
-        granular_state(model, result),
-        result.rollbacks,
-    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(record, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _to_cpu(value: Any) -> Any:
+    """A nested record with every tensor moved to the CPU (checkpoints load on any device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded quantized checkpoint: the model to evaluate, the network inside it, and the file's record."""
+
+    model: nn.Module
+    network: nn.Module
+    record: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        """The method that made it."""
+        return str(self.record["method"])
+
+    @property
+    def scale(self) -> int:
+        """Its upscaling factor."""
+        return int(self.record["scale"])
+
+    def label(self, path: str | Path) -> str:
+        """`<network> (<file>, <method>)` for printouts."""
+        return f"{self.record['arch'].get('name', '?')} ({Path(path).name}, {self.method})"
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Read a quantized checkpoint onto `device`: rebuild the network, the method's quantizers and state."""
+    record = read_record(path, "cpu")
+    plugin = get_method(str(record["method"]))
+    network = build_from_record(record["arch"]).to(device).eval()
+    layout = get_entry(str(record["arch"]["name"])).layout
+    spec = QuantSpec.from_dict(record["spec"])
+    state = record.get("method_state")
+    plugin.rebuild(network, layout, spec, state)
+    restore_network(network, record["network"], str(path))
+    model = plugin.inference_model(network.eval(), _to_device(state, device))
+    return LoadedCheckpoint(model.eval(), network, record)
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The model a quantized checkpoint holds, on `device`, computing exactly what `srquant eval --model PATH`
+    evaluates (a dynamic method's bit controller included)."""
+    try:
+        return load_checkpoint(path, device).model
+    except KeyError as err:
+        raise SrquantError(
+            f"{path} lacks the checkpoint field {err}; it is not a complete srquant checkpoint"
+        ) from None

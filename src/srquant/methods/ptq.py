@@ -1,88 +1,95 @@
-"""Post-training calibration of bounds: MinMax, Percentile and DOBI (2DQuant's first stage).
+"""Post-training calibration of ranges: MinMax, Percentile and DOBI (2DQuant's first stage).
 
 Statistics are collected with quantization off (the FP network's tensors, as 2DQuant does), over every
-calibration batch; then each quantizer gets its bounds and quantization is switched on.
+calibration batch; then each quantizer gets its range (per row: per tensor or per output channel) and
+quantization is switched on. Calibration data: 32 LR crops of 64x64 (2DQuant, section 4.1) in every preset.
 """
 
 from __future__ import annotations
 
-import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from srquant.errors import SrquantError
-from srquant.quant.calibrators import DobiCalibrator, MinMaxCalibrator, PercentileCalibrator, RangeCalibrator
-from srquant.quant.quantize import mode_scope, quantizers, set_mode
-from srquant.quant.quantizers import AsymmetricQuantizer, LSQQuantizer, Quantizer, QuantMode
+from srquant.methods.base import CalibrationData, Method, MethodRun
+from srquant.models.layout import QuantLayout
+from srquant.quant.calibrators import apply_ranges, calibrator_factory, is_weight_quantizer, run_calibration
+from srquant.quant.quantize import quantize_, quantizers
+from srquant.quant.spec import QuantSpec
 
-PTQ_METHODS = ("minmax", "percentile", "dobi")
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Calibration data of the range methods: how many LR crops, how large, in which batches, which seed."""
+
+    calib_count: int = 32
+    calib_size: int = 64
+    calib_batch: int = 8
+    percentile: float = 99.99
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.calib_count, self.calib_size, self.calib_batch) < 1:
+            raise SrquantError("calibration count, crop size and batch must be positive")
+        if not 50.0 < self.percentile <= 100.0:
+            raise SrquantError(f"percentile must be in (50, 100], got {self.percentile}")
 
 
-def make_calibrator(method: str, name: str, quantizer: Quantizer, percentile: float) -> RangeCalibrator:
-    """The calibrator a method uses for one quantizer."""
-    groups = quantizer.groups if isinstance(quantizer, AsymmetricQuantizer) else 1
-    if method == "minmax" or isinstance(quantizer, LSQQuantizer):
-        return MinMaxCalibrator(name, groups)
-    if method == "percentile":
-        return PercentileCalibrator(name, groups, percentile)
-    if method == "dobi":
-        one_sided = isinstance(quantizer, AsymmetricQuantizer) and quantizer.one_sided
-        return DobiCalibrator(name, groups, bits=quantizer.bits, one_sided=one_sided)
-    raise SrquantError(f"unknown calibration method {method!r}; choose from {', '.join(PTQ_METHODS)}")
+PTQ_PRESETS = {"paper": PTQConfig(), "code": PTQConfig(), "cpu": PTQConfig(), "gpu": PTQConfig()}
 
 
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
-    method: str = "dobi",
+    kind: str = "dobi",
     percentile: float = 99.99,
     progress: bool = False,
-) -> None:
-    """Set every quantizer's bounds by `method` from the model's FP tensors on `batches`, then enable them."""
-    if not batches:
-        raise SrquantError("calibration needs at least one batch")
+) -> list[str]:
+    """Set every quantizer's range by `kind` (minmax, percentile, dobi) from the FP tensors on `batches` and
+    switch quantization on; returns the quantizers no batch reached (they stay FP)."""
     named = list(quantizers(model))
     if not named:
         raise SrquantError("the model has no quantizers: call quantize_ first")
-    calibrators = {name: make_calibrator(method, name, q, percentile) for name, q in named}
-    for name, q in named:
-        q.calibrator = calibrators[name]
-    passes = max(c.passes for c in calibrators.values())
-    was_training = model.training
-    model.eval()
-    try:
-        with mode_scope(model, QuantMode.CALIBRATE):
-            for index in range(passes):
-                for cal in calibrators.values():
-                    cal.begin_pass(index)
-                desc = f"{method} pass {index + 1}/{passes}"
-                for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                    model(batch)
-    finally:
-        for _, q in named:
-            q.calibrator = None
-        model.train(was_training)
-    unused = []
-    for name, q in named:
-        if not calibrators[name].saw_data():
-            unused.append(name)
-            continue
-        lower, upper = calibrators[name].compute()
-        if isinstance(q, LSQQuantizer):
-            q.set_range(lower, upper)
-            continue
-        try:
-            q.set_bounds(lower, upper)  # type: ignore[attr-defined]
-        except FloatingPointError as err:
-            raise SrquantError(f"calibration of {name} produced invalid bounds: {err}") from None
-    set_mode(model, QuantMode.QUANT)
-    for name, q in named:
-        if name in unused:
-            q.mode = QuantMode.FP  # never reached (a branch for another scale): left in floating point
-    if unused:
-        log.info("%d quantizers saw no calibration data and stay FP (first: %s)", len(unused), unused[0])
+    factory = calibrator_factory(kind, percentile)
+    calibrators = {name: factory(name, q, is_weight_quantizer(name)) for name, q in named}
+    run_calibration(model, batches, calibrators, progress, kind)
+    return apply_ranges(model, calibrators)
+
+
+class RangeCalibration(Method):
+    """A method that only calibrates ranges (MinMax, Percentile, DOBI): quantize_, one calibration, done."""
+
+    config_type = PTQConfig
+    presets = PTQ_PRESETS
+
+    def __init__(self, name: str, kind: str, summary: str) -> None:
+        self.name, self.kind, self.summary = name, kind, summary  # type: ignore[misc]
+
+    def run(
+        self,
+        model: nn.Module,
+        layout: QuantLayout,
+        spec: QuantSpec,
+        data: CalibrationData,
+        config: PTQConfig,
+        progress: bool = False,
+    ) -> MethodRun:
+        start = time.perf_counter()
+        report = quantize_(model, spec, layout)
+        size = data.rounded(config.calib_size)
+        batches = data.batches(config.calib_count, size, config.calib_batch, config.seed)
+        calibrate(model, batches, self.kind, config.percentile, progress)
+        settings = {"calib_count": config.calib_count, "calib_size": size}
+        if self.kind == "percentile":
+            settings["percentile"] = config.percentile
+        return MethodRun(model, report, spec, time.perf_counter() - start, settings)
+
+
+MINMAX = RangeCalibration("minmax", "minmax", "ranges from the minimum and maximum of the calibration tensors")
+PERCENTILE = RangeCalibration("percentile", "percentile", "ranges from the 0.01/99.99 percentiles per batch")
+DOBI = RangeCalibration("dobi", "dobi", "2DQuant's DOBI: the least-L2-error range among 100 candidates")

@@ -29,6 +29,8 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
     scale = int(model.scale)
     if tile is None or (lr.shape[-2] <= tile and lr.shape[-1] <= tile):
         return model(lr)
+    if not getattr(model, "supports_tiling", True):
+        raise SrquantError(f"{type(model).__name__} runs patch-wise by itself: --tile does not apply")
     multiple = int(getattr(model, "pad_multiple", 1))
     tile = -(-tile // multiple) * multiple
     if overlap < 0 or overlap >= tile:

@@ -385,14 +385,38 @@ def get_entry(name: str) -> ModelEntry:
     return REGISTRY[key]
 
 
+ARCH_ATTRIBUTE = "srquant_arch"  # set on every network the zoo builds: how to build it again
+
+
 def build_model(name: str, scale: int, tiny: bool = False, **overrides: Any) -> nn.Module:
-    """Build an architecture with random weights (full size or its tiny test variant)."""
+    """Build an architecture with random weights (full size or its tiny test variant).
+
+    The network carries `srquant_arch`, the record `build_from_record` rebuilds it from (a quantized checkpoint
+    stores it).
+    """
     entry = get_entry(name)
     if scale not in entry.scales:
         raise SrquantError(f"{entry.name} supports x{', x'.join(map(str, entry.scales))}, not x{scale}")
     kwargs = dict(entry.tiny_kwargs if tiny else entry.kwargs)
     kwargs.update(overrides)
-    return entry.builder(scale=scale, **kwargs)
+    model = entry.builder(scale=scale, **kwargs)
+    setattr(model, ARCH_ATTRIBUTE, {"kind": "zoo", "name": entry.name, "scale": scale, "kwargs": kwargs})
+    return model
+
+
+def architecture_record(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild a network: the record `build_model` attached; one line for a network without one."""
+    record = getattr(model, ARCH_ATTRIBUTE, None)
+    if not isinstance(record, dict):
+        raise SrquantError(f"{type(model).__name__} carries no architecture record: build it with srquant's zoo")
+    return record
+
+
+def build_from_record(record: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a network (random weights) from its architecture record."""
+    if record.get("kind") != "zoo":
+        raise SrquantError(f"unknown architecture record kind {record.get('kind')!r}")
+    return build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
 
 
 def read_state_dict(path: Path, state_key: str | None = None) -> dict[str, torch.Tensor]:

@@ -1,17 +1,17 @@
-"""Quantized checkpoints: the recipe, the bounds, and every quantized weight packed as b-bit integer codes.
+"""The quantized network's part of a checkpoint: quantizer modes, float state, and every quantized weight packed
+as b-bit integer codes from its own quantizer's grid.
 
-A file holds `format`, the zoo `model` name and `scale`, the `spec`, each quantizer's mode, the float
-state of everything not packed (one-element bounds as plain floats), and for each quantized weight its
-codes packed into bytes (a 4-bit weight takes 1/8 of its float size). Loading rebuilds the architecture,
-applies the same `quantize_`, restores bounds and modes, and sets each weight to its dequantized codes,
-which the weight quantizer maps to itself:
-the reloaded model's outputs equal the saved model's bit for bit.
+`network_state(model)` gives that part; `restore_network(model, saved)` puts it back into a network that the same
+`quantize_` call (and the same method's rebuild step) produced: it loads the float state strictly, restores the
+modes, and sets each weight to the values of its codes, which the weight quantizer maps to themselves, so the
+reloaded network computes what the saved one computed, bit for bit. A 4-bit weight takes 1/8 of its float size.
+Codes are read and written on the CPU; everything else stays on the network's device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,18 @@ import torch
 from torch import nn
 
 from srquant.errors import SrquantError
-from srquant.models.registry import build_model, get_entry, load_state_strict
+from srquant.models.registry import load_state_strict
 from srquant.quant.modules import is_quantized
-from srquant.quant.quantize import quantize_, quantizers
-from srquant.quant.quantizers import AsymmetricQuantizer, LSQQuantizer, Quantizer, QuantMode, SymmetricQuantizer
-from srquant.quant.spec import QuantSpec
+from srquant.quant.quantize import quantizers
+from srquant.quant.quantizers import QuantMode
 
-FORMAT = "srquant-quantized/1"
+FORMAT = "srquant-quantized/2"
+OLD_FORMATS = ("srquant-quantized/1",)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack non-negative integer codes (< 2^bits) into a uint8 bit stream, most significant bit first."""
-    flat = codes.reshape(-1).to(torch.int64).numpy()
+    flat = codes.detach().reshape(-1).to(torch.int64).cpu().numpy()
     if flat.size and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
     shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
@@ -40,148 +40,97 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: the first `count` codes as int64."""
-    stream = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits).astype(np.int64)
+    """Inverse of `pack_codes`: the first `count` codes as int64 (on the CPU)."""
+    stream = np.unpackbits(packed.cpu().numpy())[: count * bits].reshape(count, bits).astype(np.int64)
     weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
     return torch.from_numpy(stream @ weights)
 
 
-def _codes_and_dequant(q: Quantizer, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Integer codes of a weight under its quantizer, and a function mapping codes back to values."""
-    bits = q.bits
-    w = weight.detach()
-    if isinstance(q, AsymmetricQuantizer):
-        lower, upper = (t.detach() for t in q._bounds())
-        rows = q.grouped(w)
-        step = (upper - lower).clamp_min(1e-8) / (2**bits - 1)
-        codes = torch.round((torch.minimum(torch.maximum(rows, lower), upper) - lower) / step)
-
-        def back(c: torch.Tensor) -> torch.Tensor:
-            return (c.reshape(rows.shape).to(w.dtype) * step + lower).reshape(w.shape)
-
-        return codes.reshape(-1), back
-    if isinstance(q, SymmetricQuantizer):
-        half = 2 ** (bits - 1) - 1
-        upper = q.upper_bound.detach().abs().clamp_min(1e-8)
-        step = upper / half
-        codes = torch.round(torch.clamp(w, -upper, upper) / step) + half
-
-        def back(c: torch.Tensor) -> torch.Tensor:
-            return ((c.reshape(w.shape).to(w.dtype) - half) * step).reshape(w.shape)
-
-        return codes.reshape(-1), back
-    if isinstance(q, LSQQuantizer):
-        qn, qp = q.qrange()
-        step = q.step.detach()
-        codes = torch.clamp(torch.round(torch.clamp(w / step, qn, qp)), qn, qp) - qn
-
-        def back(c: torch.Tensor) -> torch.Tensor:
-            return (c.reshape(w.shape).to(w.dtype) + qn) * step
-
-        return codes.reshape(-1), back
-    raise SrquantError(f"cannot pack weights of {type(q).__name__}")
+def _packed_weights(model: nn.Module) -> dict[str, tuple[nn.Module, Any]]:
+    """Quantized layers whose weight quantizer is on: `<layer>.weight` -> (layer, its weight quantizer)."""
+    return {
+        f"{name}.weight": (module, module.weight_quantizer)
+        for name, module in model.named_modules()
+        if is_quantized(module) and module.weight_quantizer.mode is QuantMode.QUANT
+    }
 
 
-def save_quantized(
-    model: nn.Module,
-    path: str | Path,
-    name: str,
-    spec: QuantSpec,
-    meta: dict[str, Any],
-    dynamic: dict[str, Any] | None = None,
-) -> int:
-    """Write a quantized checkpoint; returns the file size in bytes.
-
-    `dynamic` holds a dynamic method's own state (e.g. AdaBM's bit controller), restored by
-    `srquant.methods.dynamic.restore_dynamic`.
-    """
-    entry = get_entry(name)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def network_state(model: nn.Module) -> dict[str, Any]:
+    """The network's checkpoint part: modes, float state (one-element floats as plain floats), packed weights."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     packed: dict[str, dict[str, Any]] = {}
-    for module_name, module in model.named_modules():
-        if not is_quantized(module) or module.weight_quantizer.mode is not QuantMode.QUANT:
-            continue
-        q = module.weight_quantizer
-        codes, _ = _codes_and_dequant(q, module.weight)
-        key = f"{module_name}.weight"
-        packed[key] = {"bits": q.bits, "shape": list(module.weight.shape), "data": pack_codes(codes, q.bits)}
+    for key, (module, quantizer) in _packed_weights(model).items():
+        grid = quantizer.grid()
+        codes = quantizer.to_codes(module.weight) - int(grid.qmin)
+        bits = int(grid.bits)
+        packed[key] = {
+            "bits": bits,
+            "offset": int(grid.qmin),
+            "shape": list(module.weight.shape),
+            "data": pack_codes(codes, bits),
+        }
         del state[key]
     # One-element float tensors (quantizer bounds and steps) are stored as plain floats: torch.save spends
     # hundreds of bytes on each tensor, which for LMLT's 600 bounds outweighed the packed weights.
     scalars = {k: float(v) for k, v in state.items() if v.dim() == 0 and v.dtype == torch.float32}
-    state = {k: v for k, v in state.items() if k not in scalars}
-    record = {
-        "format": FORMAT,
-        "model": entry.name,
-        "scale": int(model.scale),
-        "spec": spec.to_dict(),
-        "modes": {qname: q.mode.value for qname, q in quantizers(model)},
-        "state": state,
+    return {
+        "modes": {name: q.mode.value for name, q in quantizers(model)},
+        "state": {k: v for k, v in state.items() if k not in scalars},
         "scalars": scalars,
         "packed": packed,
-        "meta": meta,
-        "dynamic": dynamic,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(record, tmp)
-    tmp.replace(path)
-    return path.stat().st_size
 
 
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    """True if the file is an srquant quantized checkpoint (read with weights_only=True)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is simply "not one of ours"
-        return False
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
+def restore_network(model: nn.Module, saved: Mapping[str, Any], origin: str) -> None:
+    """Load `network_state` into a network quantized the same way (strictly; bit-identical weights)."""
+    own = dict(quantizers(model))
+    if set(own) != set(saved["modes"]):
+        extra = sorted(set(saved["modes"]) - set(own))
+        lacking = sorted(set(own) - set(saved["modes"]))
+        first = f"it has {extra[0]}" if extra else f"it lacks {lacking[0]}"
+        raise SrquantError(f"{origin}: its quantizers do not match the rebuilt network ({first})")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    placeholders = {key: torch.zeros(item["shape"]) for key, item in saved["packed"].items()}
+    scalars = {k: torch.tensor(v, dtype=torch.float32) for k, v in saved["scalars"].items()}
+    state = {k: v.to(device) for k, v in {**saved["state"], **scalars, **placeholders}.items()}
+    load_state_strict(model, state, origin)
+    for name, mode in saved["modes"].items():
+        own[name].mode = QuantMode(mode)
+    layers = _packed_weights(model)
+    if set(layers) != set(saved["packed"]):
+        raise SrquantError(f"{origin}: its packed weights do not match the quantized layers that are switched on")
+    for key, item in saved["packed"].items():
+        module, quantizer = layers[key]
+        codes = unpack_codes(item["data"], int(item["bits"]), math.prod(item["shape"])) + int(item["offset"])
+        with torch.no_grad():
+            module.weight.copy_(quantizer.from_codes(codes.to(device), module.weight.shape))
 
 
-def load_quantized(
-    path: str | Path, prepare: Callable[[nn.Module, dict[str, Any]], None] | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a quantized model from its checkpoint; returns (model in eval mode, the checkpoint record).
-
-    `prepare(model, record)` runs right after `quantize_` and before any state is loaded: a method whose
-    quantizers differ from `quantize_`'s (Granular-DQ's multi-bit inputs) rebuilds them there, e.g. with
-    `srquant.methods.dynamic.prepare_dynamic`.
-    """
+def read_record(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a quantized checkpoint (weights_only) onto a device; one line for a missing, foreign or old file."""
     path = Path(path)
     if not path.is_file():
         raise SrquantError(f"quantized checkpoint not found: {path}")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - reported as one line below
-        raise SrquantError(f"{path} is not a loadable checkpoint: {str(err).splitlines()[0][:200]}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SrquantError(f"{path} is not a loadable checkpoint: {first}") from None
+    if not isinstance(record, dict) or not str(record.get("format", "")).startswith("srquant-quantized"):
         raise SrquantError(
             f"{path} is a float checkpoint, not an srquant quantized one; evaluate it with --model NAME --weights"
         )
-    entry = get_entry(record["model"])
-    spec = QuantSpec.from_dict(record["spec"])
-    model = build_model(entry.name, int(record["scale"]))
-    quantize_(model, spec, entry.layout)
-    if prepare is not None:
-        prepare(model, record)
-    own_quantizers = dict(quantizers(model))
-    if set(own_quantizers) != set(record["modes"]):
-        hint = ""
-        if record.get("dynamic") and prepare is None:
-            hint = " (it holds a dynamic method's state: load it with prepare=srquant.methods.dynamic.prepare_dynamic)"
-        raise SrquantError(f"{path}: its quantizers do not match {entry.name} quantized with its spec{hint}")
-    placeholders = {key: torch.zeros(item["shape"]) for key, item in record["packed"].items()}
-    scalars = {k: torch.tensor(v, dtype=torch.float32) for k, v in record.get("scalars", {}).items()}
-    load_state_strict(model, {**record["state"], **scalars, **placeholders}, str(path))
-    for qname, mode in record["modes"].items():
-        own_quantizers[qname].mode = QuantMode(mode)
-    modules = dict(model.named_modules())
-    for key, item in record["packed"].items():
-        module = modules[key.rpartition(".")[0]]
-        count = math.prod(item["shape"])
-        codes = unpack_codes(item["data"], int(item["bits"]), count)
-        _, back = _codes_and_dequant(module.weight_quantizer, module.weight)
-        with torch.no_grad():
-            module.weight.copy_(back(codes))
-    return model.eval(), record
+    if record["format"] in OLD_FORMATS:
+        meta = record.get("meta", {}) if isinstance(record.get("meta"), dict) else {}
+        spec = record.get("spec", {}) if isinstance(record.get("spec"), dict) else {}
+        redo = (
+            f"srquant quantize --model {record.get('model', 'NAME')} --scale {record.get('scale', 'S')} "
+            f"--method {meta.get('method', 'METHOD')} "
+            f"--wbits {spec.get('w_bits', 'B')} --abits {spec.get('a_bits', 'B')}"
+        )
+        raise SrquantError(
+            f"{path} was written by an earlier srquant ({record['format']}); redo it with: {redo} -o FILE"
+        )
+    if record["format"] != FORMAT:
+        raise SrquantError(f"{path} has checkpoint format {record['format']!r}; this srquant reads {FORMAT!r}")
+    return record

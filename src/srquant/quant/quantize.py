@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from srquant.quant.modules import convert_module, is_quantized
@@ -48,18 +49,25 @@ class QuantReport:
         return ", ".join(parts) or "nothing quantized"
 
 
-def _weight_quantizer(kind: str, bits: int, groups: int) -> Quantizer:
+def _weight_quantizer(kind: str, bits: int, rows: int) -> Quantizer:
     if kind == "symmetric":
-        return SymmetricQuantizer(bits)
+        return SymmetricQuantizer(bits, rows)
     if kind == "lsq":
-        return LSQQuantizer(bits, signed=True)
-    return AsymmetricQuantizer(bits, groups=groups)
+        return LSQQuantizer(bits, signed=True, rows=rows)
+    return AsymmetricQuantizer(bits, rows)
 
 
 def _act_quantizer(kind: str, bits: int, one_sided: bool, align_zero: bool = False) -> Quantizer:
     if kind == "lsq":
-        return LSQQuantizer(bits, signed=not one_sided)
+        return LSQQuantizer(bits, signed=not one_sided, one_sided=one_sided)
     return AsymmetricQuantizer(bits, one_sided=one_sided, align_zero=align_zero)
+
+
+def weight_rows(module: nn.Conv2d | nn.Linear, spec: QuantSpec, layout: QuantLayout, name: str) -> int:
+    """How many grids a layer's weight gets: one per output channel, or one (one per slice of a fused weight)."""
+    if spec.weight_granularity == "channel":
+        return int(module.weight.shape[0])
+    return next((g for pattern, g in layout.weight_groups if matches(name, (pattern,))), 1)
 
 
 def _set_child(model: nn.Module, dotted: str, child: nn.Module) -> None:
@@ -76,6 +84,7 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
     body = spec.layers if spec.layers is not None else layout.body
     eight = spec.fixed_8bit if spec.fixed_8bit is not None else (layout.fixed_8bit if spec.full else ())
     report = QuantReport()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Conv2d | nn.Linear) or is_quantized(module):
             continue
@@ -84,18 +93,18 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
         if matches(name, body):
             w_bits, a_bits = spec.w_bits, spec.a_bits
         elif matches(name, eight):
-            w_bits, a_bits = 8, 8
+            w_bits, a_bits = spec.full_w_bits, 8
         else:
             continue
         one_sided = matches(name, layout.post_activation)
-        groups = next((g for pattern, g in layout.weight_groups if matches(name, (pattern,))), 1)
+        device = module.weight.device
         convert_module(
             module,
-            _act_quantizer(spec.act_quantizer, a_bits, one_sided, align_zero=spec.output_bits is not None),
-            _weight_quantizer(spec.weight_quantizer, w_bits, groups),
+            _act_quantizer(spec.act_quantizer, a_bits, one_sided, align_zero=spec.output_bits is not None).to(device),
+            _weight_quantizer(spec.weight_quantizer, w_bits, weight_rows(module, spec, layout, name)).to(device),
         )
         if spec.output_bits is not None:
-            module.output_quantizer = AsymmetricQuantizer(spec.output_bits, align_zero=True)
+            module.output_quantizer = AsymmetricQuantizer(spec.output_bits, align_zero=True).to(device)
         report.layers[name] = (w_bits, a_bits)
     if spec.matmul:
         for name, module in list(model.named_modules()):
@@ -103,12 +112,12 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
             if leaf in MATMUL_HOOKS and isinstance(module, nn.Identity) and not matches(name, spec.keep_fp):
                 aligned = spec.output_bits is not None  # integer kernels: the operands' zero points are integers
                 quantizer = _act_quantizer(spec.act_quantizer, spec.a_bits, leaf == "attn_hook", align_zero=aligned)
-                _set_child(model, name, quantizer)
+                _set_child(model, name, quantizer.to(device))
                 report.matmul[name] = spec.a_bits
     if spec.glue_bits is not None:
         for name, module in list(model.named_modules()):
             if name.endswith(GLUE_HOOK_SUFFIX) and isinstance(module, nn.Identity) and not matches(name, spec.keep_fp):
-                _set_child(model, name, AsymmetricQuantizer(spec.glue_bits, align_zero=True))
+                _set_child(model, name, AsymmetricQuantizer(spec.glue_bits, align_zero=True).to(device))
                 report.glue[name] = spec.glue_bits
         _share_glue_grids(model, layout, report)
     return report
@@ -136,10 +145,13 @@ def _share_glue_grids(model: nn.Module, layout: QuantLayout, report: QuantReport
             break
 
 
-def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
-    """Every quantizer in the model with its dotted name."""
-    for name, module in model.named_modules():
-        if isinstance(module, Quantizer):
+def quantizers(model: nn.Module, every_name: bool = False) -> Iterator[tuple[str, Quantizer]]:
+    """Every quantizer in the model with its dotted name (not the parts of a multi-bit quantizer); a quantizer
+    shared by two places (a glue tap that is also a layer's input quantizer) once, or under each name."""
+    outer: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=not every_name):
+        if isinstance(module, Quantizer) and not any(name.startswith(f"{o}.") for o in outer):
+            outer.append(name)
             yield name, module
 
 
@@ -167,5 +179,5 @@ def fp_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
 
 
 def bound_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learnable quantizer parameters (bounds or steps), the only ones DQC trains."""
-    return [p for _, q in quantizers(model) for p in q.parameters(recurse=False)]
+    """The learnable quantizer parameters (bounds or steps, of multi-bit parts too), the only ones DQC trains."""
+    return [p for _, q in quantizers(model) for p in q.parameters()]

@@ -1,18 +1,28 @@
-"""Fake quantizers shared by every method: asymmetric two-bound (2DQuant), symmetric (AdaBM weights), LSQ.
+"""Fake quantizers shared by every method: asymmetric two-bound (2DQuant), symmetric (AdaBM weights, int8
+kernels), LSQ (Granular-DQ) and LSQ with one quantizer per candidate bit (Granular-DQ's patch-wise bits).
 
 Each quantizer is an `nn.Module` with a mode: `FP` passes tensors through, `CALIBRATE` shows them to an
 attached calibrator and passes them through (statistics are collected with quantization off), `QUANT`
-fake-quantizes. The bit-width is an int, or a per-sample tensor set by dynamic methods (`bits_override`).
+fake-quantizes. Each owns its grid (`grid()`: scale, zero point, integer range, rows, bits), the grid it would
+take for a proposed range (`grid_for`), and how it adopts a range (`set_range`); inference rounds with the grid
+itself, so integer codes, checkpoints and exported graphs agree with the model exactly. Training uses each
+kind's own gradient rule. Weight quantizers may hold one set of parameters per slice of the output dimension
+(`rows`: per output channel, or per slice of a fused weight). The bit-width is an int, or a per-sample tensor
+set by dynamic methods (`bits_override`).
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from srquant.errors import SrquantError
+from srquant.quant.grid import Grid, asymmetric_grid, lsq_grid, lsq_range, symmetric_grid
 
 
 class QuantMode(enum.Enum):
@@ -24,17 +34,13 @@ class QuantMode(enum.Enum):
 
 
 class Calibrator(Protocol):
-    """Collects statistics of the tensors a quantizer sees and proposes its bounds."""
+    """Collects statistics of the tensors a quantizer sees during calibration."""
 
     def collect(self, x: torch.Tensor) -> None: ...
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity gradient in the backward pass (straight-through estimator).
-
-    Without autograd it is a plain round, so inference values are exactly integer grid points (the
-    `x + (round(x) - x)` form can be one ulp off, which would break bit-identical reloading).
-    """
+    """Round in the forward pass, identity gradient in the backward pass (straight-through estimator)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return torch.round(x)
     return x + (torch.round(x) - x).detach()
@@ -77,22 +83,14 @@ class BoundClip(torch.autograd.Function):
         return grad_x, grad_lower, grad_upper
 
 
-def levels_for(bits: int | torch.Tensor) -> int | torch.Tensor:
-    """Number of steps of a b-bit grid: 2^b - 1."""
-    return (2**bits) - 1
-
-
 def fake_quant_asymmetric(
     x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int | torch.Tensor
 ) -> torch.Tensor:
-    """2DQuant's quantizer: s = (u-l)/(2^b-1), q = s*round((clip(x,l,u)-l)/s) + l.
+    """2DQuant's quantizer with gradients: s = (u-l)/(2^b-1), q = s*round((clip(x,l,u)-l)/s) + l.
 
     Rounding is straight-through; the bounds get gradients through the clip, through s and through +l.
     """
-    step = (upper - lower).clamp_min(1e-8) / levels_for(bits)
-    if not torch.is_grad_enabled():  # inference: the same operations in place, far less memory traffic
-        out = torch.minimum(torch.maximum(x, lower), upper)
-        return out.sub_(lower).div_(step).round_().mul_(step).add_(lower)
+    step = (upper - lower).clamp_min(1e-8) / (2**bits - 1)
     clipped = BoundClip.apply(x, lower, upper)
     return round_ste((clipped - lower) / step) * step + lower
 
@@ -100,33 +98,54 @@ def fake_quant_asymmetric(
 def zero_aligned(
     lower: torch.Tensor, upper: torch.Tensor, bits: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift [lower, upper] by less than half a step so that 0 is a grid point (an integer zero point).
-
-    uint8 kernels (onnxruntime's QLinearConv) store x as round(x / s) + z with an integer z; a grid aligned
-    this way is exactly representable, so the integer model computes what the fake-quant model computes.
-    """
-    levels = levels_for(bits)
+    """Shift [lower, upper] by less than half a step so that 0 is a grid point (an integer zero point), with a
+    straight-through rounding of the zero point (training path of `asymmetric_grid(..., align_zero=True)`)."""
+    levels = 2**bits - 1
     step = (upper - lower).clamp_min(1e-8) / levels
     zero = round_ste(torch.clamp(-lower / step, 0, levels))
     aligned = -zero * step
     return aligned, aligned + levels * step
 
 
-class Quantizer(nn.Module):
-    """Base class: mode handling, calibration hand-off, and an optional per-sample bit override."""
+def _param_shape(rows: int) -> tuple[int, ...]:
+    return (rows,) if rows > 1 else ()
 
-    def __init__(self, bits: int) -> None:
+
+class Quantizer(nn.Module):
+    """Base class: modes, calibration hand-off, per-sample bits, and the grid interface every consumer uses.
+
+    `rows` > 1 gives each slice of dimension 0 its own parameters (per output channel, or per slice of a fused
+    weight). `one_sided` marks inputs with an exponential-like distribution (post-softmax, post-GELU): DOBI keeps
+    their lower bound at the minimum, LSQ gives them an unsigned grid.
+    """
+
+    def __init__(self, bits: int, rows: int = 1, one_sided: bool = False) -> None:
         super().__init__()
         if not 1 <= bits <= 16:
             raise ValueError(f"bit-width must be in [1, 16], got {bits}")
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
         self.bits = bits
+        self.rows = rows
+        self.one_sided = one_sided
         self.mode = QuantMode.FP
         self.calibrator: Calibrator | None = None
         self.bits_override: torch.Tensor | None = None
 
-    def effective_bits(self) -> int | torch.Tensor:
-        """The per-sample bit tensor when a dynamic method set one, else the fixed bit-width."""
-        return self.bits if self.bits_override is None else self.bits_override
+    def bits_for(self, x: torch.Tensor | None = None) -> int | torch.Tensor:
+        """The fixed bit-width, or the per-sample bits a dynamic method set (`bits_override`, shape (B,)) shaped to
+        broadcast against x (repeated for inputs whose leading dimension is batch-major, e.g. windows per image)."""
+        override = self.bits_override
+        if override is None:
+            return self.bits
+        if x is None:
+            raise SrquantError("per-sample bits have no single grid: clear bits_override first")
+        override = override.reshape(-1)
+        if x.shape[0] != override.shape[0]:
+            if x.shape[0] % override.shape[0]:
+                raise SrquantError(f"input batch {x.shape[0]} is not a multiple of the {override.shape[0]} sample bits")
+            override = override.repeat_interleave(x.shape[0] // override.shape[0])
+        return override.reshape(-1, *([1] * (x.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantMode.FP:
@@ -138,125 +157,306 @@ class Quantizer(nn.Module):
         return self.quantize(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize: each kind's gradient rule when autograd records, the grid's own rounding otherwise."""
+        if torch.is_grad_enabled():
+            return self.train_quantize(x)
+        return self.grid(x).fake(x)
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the parameters see it: (rows, -1) for per-row quantizers."""
+        return x.reshape(self.rows, -1) if self.rows > 1 else x
+
+    def _as_param(self, value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+        """A proposed per-row value as a tensor of a parameter's shape, dtype and device."""
+        tensor = torch.as_tensor(value, dtype=like.dtype).to(like.device)
+        if tensor.numel() == 1:
+            return tensor.reshape(()).expand(like.shape).clone()
+        return tensor.reshape(like.shape)
+
+    def _rows_param(self, param: torch.Tensor) -> torch.Tensor:
+        """A parameter shaped to broadcast against `view(x)`."""
+        return param.view(-1, 1) if self.rows > 1 else param
+
+    # The grid interface. -------------------------------------------------------------------------------------
+
+    def grid(self, x: torch.Tensor | None = None) -> Grid:
+        """The current grid (detached); with per-sample bits, the grid for the input `x`."""
         raise NotImplementedError
 
+    def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
+        """The grid this quantizer would take for the range [lower, upper] (any broadcastable shapes; `rows` 1)."""
+        raise NotImplementedError
+
+    def set_range(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        """Adopt the grid for [lower, upper] (per row when the quantizer has rows); refuses non-finite ranges."""
+        raise NotImplementedError
+
+    def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (lowest, highest) representable values of the current grid, per row."""
+        grid = self.grid()
+        low = grid.values_of(torch.as_tensor(grid.qmin, dtype=grid.scale.dtype, device=grid.scale.device))
+        high = grid.values_of(torch.as_tensor(grid.qmax, dtype=grid.scale.dtype, device=grid.scale.device))
+        return low.reshape(-1).squeeze(0), high.reshape(-1).squeeze(0)
+
+    def train_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization with this kind's gradients (the grid's values up to float rounding)."""
+        raise NotImplementedError
+
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x on the current grid, as int64, x's shape."""
+        return self.grid().to_codes(x.detach()).to(torch.int64)
+
+    def from_codes(self, codes: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """The values of integer codes on the current grid."""
+        return self.grid().from_codes(codes, shape)
+
+    @staticmethod
+    def _check_finite(*values: torch.Tensor) -> None:
+        if not all(bool(torch.isfinite(v).all()) for v in values):
+            raise FloatingPointError(f"non-finite range ({', '.join(str(v.tolist()) for v in values)})")
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode.value}"
+        extras = f", rows={self.rows}" if self.rows > 1 else ""
+        return f"bits={self.bits}, mode={self.mode.value}{extras}" + (", one_sided" if self.one_sided else "")
 
 
 class AsymmetricQuantizer(Quantizer):
-    """Uniform asymmetric quantizer with two learnable bounds (per tensor), used for weights and activations.
+    """Uniform asymmetric quantizer with two learnable bounds (2DQuant): weights and activations.
 
-    `one_sided` marks tensors with an exponential-like distribution (post-softmax, post-GELU): DOBI then
-    keeps the lower bound at the minimum and searches only the upper one. `groups` > 1 gives each slice of
-    the first dimension its own bounds (a fused qkv weight quantized as separate q, k and v weights).
+    With `align_zero` the grid is shifted by less than half a step so that zero is a grid point (an integer zero
+    point), as uint8 kernels need.
     """
 
-    def __init__(self, bits: int, one_sided: bool = False, groups: int = 1, align_zero: bool = False) -> None:
-        super().__init__(bits)
-        self.one_sided = one_sided
-        self.groups = groups
-        self.align_zero = align_zero  # snap the grid to an integer zero point (for integer export)
-        shape = (groups,) if groups > 1 else ()
-        self.lower_bound = nn.Parameter(torch.zeros(shape))
-        self.upper_bound = nn.Parameter(torch.ones(shape))
+    def __init__(self, bits: int, rows: int = 1, one_sided: bool = False, align_zero: bool = False) -> None:
+        super().__init__(bits, rows, one_sided)
+        self.align_zero = align_zero
+        self.lower_bound = nn.Parameter(torch.zeros(_param_shape(rows)))
+        self.upper_bound = nn.Parameter(torch.ones(_param_shape(rows)))
 
-    def grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """View a tensor as (groups, -1) so per-group bounds broadcast; per-tensor quantizers keep it as is."""
-        return x.reshape(self.groups, -1) if self.groups > 1 else x
+    def grid(self, x: torch.Tensor | None = None) -> Grid:
+        lower, upper = self._rows_param(self.lower_bound.detach()), self._rows_param(self.upper_bound.detach())
+        return asymmetric_grid(lower, upper, self.bits_for(x), self.align_zero, self.rows)
 
-    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.groups > 1:
-            return self.lower_bound.view(-1, 1), self.upper_bound.view(-1, 1)
-        return self.lower_bound, self.upper_bound
+    def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
+        return asymmetric_grid(lower, upper, bits or self.bits, self.align_zero)
 
-    def set_bounds(self, lower: float | torch.Tensor, upper: float | torch.Tensor) -> None:
-        """Overwrite both bounds (used by calibrators); refuses non-finite or empty ranges."""
-        lower_t = torch.as_tensor(lower, dtype=self.lower_bound.dtype).reshape(self.lower_bound.shape)
-        upper_t = torch.as_tensor(upper, dtype=self.upper_bound.dtype).reshape(self.upper_bound.shape)
-        if not (torch.isfinite(lower_t).all() and torch.isfinite(upper_t).all()):
-            raise FloatingPointError(f"non-finite bounds ({lower_t.tolist()}, {upper_t.tolist()})")
-        if (upper_t <= lower_t).any():
-            upper_t = torch.maximum(upper_t, lower_t + 1e-6)
+    def set_range(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        low, high = self._as_param(lower, self.lower_bound), self._as_param(upper, self.upper_bound)
+        self._check_finite(low, high)
+        high = torch.maximum(high, low + 1e-6)
         with torch.no_grad():
-            self.lower_bound.copy_(lower_t)
-            self.upper_bound.copy_(upper_t)
+            self.lower_bound.copy_(low)
+            self.upper_bound.copy_(high)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        lower, upper = self._bounds()
+    def train_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        lower, upper = self._rows_param(self.lower_bound), self._rows_param(self.upper_bound)
+        bits = self.bits_for(x)
         if self.align_zero:
-            lower, upper = zero_aligned(lower, upper, self.effective_bits())
-        return fake_quant_asymmetric(self.grouped(x), lower, upper, self.effective_bits()).reshape(x.shape)
+            lower, upper = zero_aligned(lower, upper, bits)
+        return fake_quant_asymmetric(self.view(x), lower, upper, bits).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        extras = (", one_sided" if self.one_sided else "") + (f", groups={self.groups}" if self.groups > 1 else "")
-        extras += ", align_zero" if self.align_zero else ""
-        return super().extra_repr() + extras
+        return super().extra_repr() + (", align_zero" if self.align_zero else "")
 
 
 class SymmetricQuantizer(Quantizer):
-    """Symmetric quantizer on [-u, u] with one learnable bound u (AdaBM's weight quantizer).
+    """Symmetric quantizer on [-u, u] with one learnable bound u (AdaBM's weights; int8 kernels' weights).
 
-    The grid has 2^b - 1 levels centred on zero (zero is exact); clipping follows the same bound rule.
+    The grid has 2^(b-1) - 1 steps per side (zero exact); clipping follows 2DQuant's bound rule.
     """
 
-    def __init__(self, bits: int) -> None:
-        super().__init__(bits)
-        self.upper_bound = nn.Parameter(torch.tensor(1.0))
+    def __init__(self, bits: int, rows: int = 1, one_sided: bool = False) -> None:
+        super().__init__(bits, rows, one_sided)
+        self.upper_bound = nn.Parameter(torch.ones(_param_shape(rows)))
 
-    def set_bounds(self, lower: float | torch.Tensor, upper: float | torch.Tensor) -> None:
-        """Set u from a proposed range (the larger magnitude of the two bounds)."""
-        bound = torch.maximum(torch.as_tensor(lower).abs(), torch.as_tensor(upper).abs()).clamp_min(1e-8)
-        if not torch.isfinite(bound).all():
-            raise FloatingPointError("non-finite symmetric bound")
+    def grid(self, x: torch.Tensor | None = None) -> Grid:
+        return symmetric_grid(self._rows_param(self.upper_bound.detach()), self.bits_for(x), self.rows)
+
+    def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
+        return symmetric_grid(
+            torch.maximum(torch.as_tensor(lower).abs(), torch.as_tensor(upper).abs()), bits or self.bits
+        )
+
+    def set_range(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        low, high = self._as_param(lower, self.upper_bound), self._as_param(upper, self.upper_bound)
+        self._check_finite(low, high)
         with torch.no_grad():
-            self.upper_bound.copy_(bound.reshape(self.upper_bound.shape))
+            self.upper_bound.copy_(torch.maximum(low.abs(), high.abs()).clamp_min(1e-8))
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        bits = self.effective_bits()
-        half = (2 ** (bits - 1)) - 1
-        upper = self.upper_bound.abs().clamp_min(1e-8)
-        step = upper / half
-        clipped = BoundClip.apply(x, -upper, upper)
-        return round_ste(clipped / step) * step
+    def train_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.bits_for(x)
+        upper = self._rows_param(self.upper_bound).abs().clamp_min(1e-8)
+        step = upper / (2 ** (bits - 1) - 1)
+        clipped = BoundClip.apply(self.view(x), -upper, upper)
+        return (round_ste(clipped / step) * step).reshape(x.shape)
 
 
 class LSQQuantizer(Quantizer):
-    """LSQ: a learnable step size with gradient scale 1/sqrt(numel * Qp) (Esser et al.; Granular-DQ).
+    """LSQ: a learnable step with gradient scale 1/sqrt(n * Qp), n the elements per step (Esser et al.).
 
-    Signed tensors use [-2^(b-1), 2^(b-1)-1], unsigned ones [0, 2^b - 1]; `init_from` sets the step to
-    2 mean|x| / sqrt(Qp) as LSQ prescribes.
+    Signed tensors use [-2^(b-1), 2^(b-1)-1], unsigned ones [0, 2^b - 1].
     """
 
-    def __init__(self, bits: int, signed: bool = True) -> None:
-        super().__init__(bits)
+    def __init__(self, bits: int, signed: bool = True, rows: int = 1, one_sided: bool = False) -> None:
+        super().__init__(bits, rows, one_sided)
         self.signed = signed
-        self.step = nn.Parameter(torch.tensor(1.0))
+        self.step = nn.Parameter(torch.ones(_param_shape(rows)))
 
     def qrange(self) -> tuple[int, int]:
         """Integer range (Qn, Qp) of the grid."""
-        if self.signed:
-            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2**self.bits - 1
+        return lsq_range(self.bits, self.signed)  # type: ignore[return-value]
 
-    def init_from(self, x: torch.Tensor) -> None:
-        """LSQ's initial step from a sample tensor."""
+    def grid(self, x: torch.Tensor | None = None) -> Grid:
+        if self.bits_override is not None:
+            raise SrquantError("LSQ quantizers take one bit-width; per-sample bits need a multi-bit quantizer")
+        return lsq_grid(self._rows_param(self.step.detach()), self.bits, self.signed, self.rows)
+
+    def _step_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
+        qn, qp = lsq_range(bits, self.signed)
+        lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
+        return torch.maximum(upper.abs() / qp, lower.abs() / max(-qn, 1)).clamp_min(1e-8)
+
+    def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
+        return lsq_grid(self._step_for(lower, upper, bits or self.bits), bits or self.bits, self.signed)
+
+    def set_range(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        low, high = self._as_param(lower, self.step), self._as_param(upper, self.step)
+        self._check_finite(low, high)
+        with torch.no_grad():
+            self.step.copy_(self._step_for(low, high, self.bits))
+
+    def init_lsq(self, mean_abs: torch.Tensor | float) -> None:
+        """LSQ's initial step 2 mean|x| / sqrt(Qp), from the mean magnitude of the tensor (per row)."""
         _, qp = self.qrange()
+        value = self._as_param(mean_abs, self.step)
         with torch.no_grad():
-            self.step.copy_((2 * x.abs().mean() / math.sqrt(qp)).clamp_min(1e-8))
+            self.step.copy_((2 * value / math.sqrt(qp)).clamp_min(1e-8))
 
-    def set_range(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
-        """Step that makes the grid span the observed range (a range-based alternative to `init_from`)."""
+    def train_quantize(self, x: torch.Tensor) -> torch.Tensor:
         qn, qp = self.qrange()
-        span = torch.maximum(torch.as_tensor(upper).abs().max() / qp, torch.as_tensor(lower).abs().max() / max(-qn, 1))
-        with torch.no_grad():
-            self.step.copy_(span.clamp_min(1e-8))
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        qn, qp = self.qrange()
-        scale = 1.0 / math.sqrt(x.numel() * qp)
-        step = self.step * scale + (self.step - self.step * scale).detach()  # value: step; gradient: scaled
-        return round_ste(torch.clamp(x / step, qn, qp)) * step
+        per_step = x.numel() // self.rows
+        scale = 1.0 / math.sqrt(per_step * qp)
+        step = self._rows_param(self.step)
+        step = step * scale + (step - step * scale).detach()  # value: step; gradient: scaled
+        return (round_ste(torch.clamp(self.view(x) / step, qn, qp)) * step).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", signed" if self.signed else ", unsigned")
+
+
+class MultiBitLSQ(Quantizer):
+    """One LSQ activation quantizer per candidate bit; each sample is quantized only by its selected bit's one.
+
+    `select(bits, gate, alternatives)` sets the per-sample bits (B,) and, for training, the straight-through
+    one-hot gate (B, n) over a controller's codes with the bit each code leads to (B, n): the output is then
+    sum_k gate_k * Q_{alternatives_k}(x), exactly the selected Q forward. Without a selection the widest
+    candidate is used (that is also its `grid()`). The candidates always share this quantizer's mode.
+    """
+
+    def __init__(self, bits: Sequence[int], signed: bool = True) -> None:
+        super().__init__(max(bits))
+        self.candidate_bits = tuple(sorted(int(b) for b in bits))
+        self.candidates = nn.ModuleDict({str(b): LSQQuantizer(b, signed=signed) for b in self.candidate_bits})
+        self.sample_bits: torch.Tensor | None = None
+        self.gate: torch.Tensor | None = None
+        self.alternatives: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> QuantMode:  # type: ignore[override]
+        """The mode of this quantizer and of every candidate."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: QuantMode) -> None:
+        self._mode = value
+        for candidate in (self._modules.get("candidates") or {}).values():  # type: ignore[union-attr]
+            candidate.mode = value
+
+    def _candidate(self, bits: int) -> LSQQuantizer:
+        return self.candidates[str(bits)]  # type: ignore[return-value]
+
+    @property
+    def signed(self) -> bool:
+        """Whether the candidates use a signed grid (set at calibration)."""
+        return self._candidate(self.bits).signed
+
+    def set_signed(self, signed: bool) -> None:
+        """Switch every candidate between signed and unsigned grids."""
+        for b in self.candidate_bits:
+            self._candidate(b).signed = signed
+
+    def init_lsq(self, mean_abs: float) -> None:
+        """LSQ's initial step for every candidate, from the calibration mean |x|."""
+        for b in self.candidate_bits:
+            self._candidate(b).init_lsq(mean_abs)
+
+    def grid(self, x: torch.Tensor | None = None) -> Grid:
+        return self._candidate(self.bits).grid()
+
+    def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
+        return self._candidate(self.bits).grid_for(lower, upper, bits)
+
+    def set_range(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        for b in self.candidate_bits:
+            self._candidate(b).set_range(lower, upper)
+
+    def train_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x)
+
+    def select(
+        self, bits: torch.Tensor | None, gate: torch.Tensor | None = None, alternatives: torch.Tensor | None = None
+    ) -> None:
+        """Set the per-sample bits (and, in training, the one-hot gate with each code's bit) for the next passes."""
+        if gate is not None and (alternatives is None or gate.shape != alternatives.shape):
+            raise SrquantError("a multi-bit gate needs the bit of every code: alternatives of the gate's shape")
+        self.sample_bits = bits
+        self.gate = gate
+        self.alternatives = alternatives
+
+    def _expand(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-sample values repeated for inputs whose leading dim is batch-major (e.g. windows per image)."""
+        if values.shape[0] == n:
+            return values
+        if n % values.shape[0]:
+            raise SrquantError(f"input batch {n} is not a multiple of the {values.shape[0]} selected bits")
+        return values.repeat_interleave(n // values.shape[0])
+
+    def _check(self, bits: torch.Tensor) -> list[int]:
+        present = torch.unique(bits).tolist()
+        unknown = [b for b in present if b not in self.candidate_bits]
+        if unknown:
+            raise SrquantError(f"bit {unknown[0]} is not a candidate of this quantizer {self.candidate_bits}")
+        return present
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sample_bits is None:
+            return self._candidate(self.bits)(x)
+        if self.gate is not None and self.alternatives is not None:
+            return self._mixture(x)
+        bits = self._expand(self.sample_bits, x.shape[0])
+        present = self._check(bits)
+        if len(present) == 1:
+            return self._candidate(present[0])(x)
+        out = x.new_zeros(x.shape)
+        for b in present:
+            idx = (bits == b).nonzero(as_tuple=True)[0]
+            out = out.index_put((idx,), self._candidate(b)(x[idx]))
+        return out
+
+    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: sum over codes of gate_k * Q_{bit of k}(x); forward value is the selected Q exactly."""
+        assert self.gate is not None and self.alternatives is not None
+        n = x.shape[0]
+        gate = torch.stack([self._expand(self.gate[:, k], n) for k in range(self.gate.shape[1])], dim=1)
+        alternatives = torch.stack(
+            [self._expand(self.alternatives[:, k], n) for k in range(self.alternatives.shape[1])], dim=1
+        )
+        shape = (-1, *[1] * (x.dim() - 1))
+        out = x.new_zeros(x.shape)
+        for b in self._check(alternatives):
+            weight = (gate * (alternatives == b)).sum(dim=1)  # 1 for the selected bit's samples, else 0
+            out = out + weight.view(shape) * self._candidate(b)(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"bits={self.candidate_bits}, mode={self.mode.value}, {'signed' if self.signed else 'unsigned'}"

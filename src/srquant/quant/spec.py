@@ -9,6 +9,7 @@ from srquant.models.layout import QuantLayout
 
 WEIGHT_QUANTIZERS = ("asymmetric", "symmetric", "lsq")
 ACT_QUANTIZERS = ("asymmetric", "lsq")
+GRANULARITIES = ("tensor", "channel")
 
 
 @dataclass(frozen=True)
@@ -16,15 +17,21 @@ class QuantSpec:
     """A quantization recipe: bit-widths, layer selection and quantizer kinds.
 
     Layer selection: a module is quantized at (w_bits, a_bits) if its name matches `layers` (default: the
-    architecture layout's body) and not `keep_fp`; it is quantized at W8A8 if it matches `fixed_8bit`
-    (default: the layout's, when `full` is set). Attention matmul operands are quantized at a_bits when
-    `matmul` is set and the architecture exposes the hooks. With `output_bits`, every quantized layer also
-    quantizes its output (bias included) at that width, as integer kernels such as onnxruntime's QLinearConv
-    do, and every activation grid gets an integer zero point (uint8 kernels need one); the simulated model
-    then computes what the exported integer graph computes. With `glue_bits` (which needs `output_bits`), the
-    tensors between layers that the architecture marks with `*_glue` hooks (activation outputs, concatenations,
-    residual sums, attention gates) are quantized too, so an integer runtime can chain its kernels without
-    returning to float between them.
+    architecture layout's body) and not `keep_fp`; it is quantized at A8 if it matches `fixed_8bit` (default:
+    the layout's, when `full` is set), with weights at `full_w_bits` (8; 7 keeps int8 codes within +-63, which
+    onnxruntime's int8 kernels add without saturating on CPUs without VNNI). Attention matmul operands are
+    quantized at a_bits when `matmul` is set and the architecture exposes the hooks.
+
+    With `output_bits`, every quantized layer also quantizes its output (bias included) at that width, as
+    integer kernels such as onnxruntime's QLinearConv do, and every activation grid gets an integer zero point
+    (uint8 kernels need one); the simulated model then computes what the exported integer graph computes. With
+    `glue_bits` (which needs `output_bits`), the tensors between layers that the architecture marks with `*_glue`
+    hooks (activation outputs, concatenations, residual sums, attention gates) are quantized too, so an integer
+    runtime can chain its kernels without returning to float between them.
+
+    `weight_granularity`: `channel` gives every output channel of a weight its own grid (per-channel int8, the
+    default of onnxruntime, TensorRT and PyTorch PT2E); `tensor` gives the weight one grid, or one per slice of a
+    fused weight the layout lists in `weight_groups` (2DQuant's separate q, k, v bounds), as the papers do.
     """
 
     w_bits: int = 4
@@ -33,15 +40,17 @@ class QuantSpec:
     keep_fp: tuple[str, ...] = ()
     full: bool = False
     fixed_8bit: tuple[str, ...] | None = None
+    full_w_bits: int = 8
     matmul: bool = True
     weight_quantizer: str = "asymmetric"
     act_quantizer: str = "asymmetric"
+    weight_granularity: str = "channel"
     output_bits: int | None = None
     glue_bits: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
+        for name, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("full_w_bits", self.full_w_bits)):
             if not isinstance(bits, int) or not 1 <= bits <= 16:
                 raise ValueError(f"{name} must be an integer in [1, 16], got {bits!r}")
         if self.output_bits is not None and (not isinstance(self.output_bits, int) or not 2 <= self.output_bits <= 16):
@@ -53,6 +62,8 @@ class QuantSpec:
                 raise ValueError("glue_bits needs output_bits: quantized glue only helps between quantized outputs")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ValueError(f"weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
+        if self.weight_granularity not in GRANULARITIES:
+            raise ValueError(f"weight_granularity must be one of {GRANULARITIES}, got {self.weight_granularity!r}")
         if self.act_quantizer not in ACT_QUANTIZERS:
             raise ValueError(f"act_quantizer must be one of {ACT_QUANTIZERS}, got {self.act_quantizer!r}")
         for pattern in (*(self.layers or ()), *self.keep_fp, *(self.fixed_8bit or ())):
@@ -70,9 +81,11 @@ class QuantSpec:
             "keep_fp": list(self.keep_fp),
             "full": self.full,
             "fixed_8bit": list(self.fixed_8bit) if self.fixed_8bit is not None else None,
+            "full_w_bits": self.full_w_bits,
             "matmul": self.matmul,
             "weight_quantizer": self.weight_quantizer,
             "act_quantizer": self.act_quantizer,
+            "weight_granularity": self.weight_granularity,
             "output_bits": self.output_bits,
             "glue_bits": self.glue_bits,
             "extra": dict(self.extra),

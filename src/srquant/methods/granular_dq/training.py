@@ -1,0 +1,251 @@
+"""Granular-DQ's quantization, calibration and training (QAT to HR, or distillation), with the divergence guard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from srquant.errors import SrquantError
+from srquant.methods.granular_dq.config import GranularDQConfig
+from srquant.methods.granular_dq.controller import (
+    Attachment,
+    GranularityBitController,
+    attach_controller,
+    head_conv_name,
+    multibit_quantizers,
+)
+from srquant.methods.granular_dq.entropy import patch_entropy
+from srquant.methods.training import DivergenceGuard, dihedral, frozen_weights, random_dihedral
+from srquant.models.layout import QuantLayout
+from srquant.quant.calibrators import RangeCalibrator, run_calibration
+from srquant.quant.quantize import QuantReport, fp_mode, quantize_, quantizers
+from srquant.quant.quantizers import MultiBitLSQ, Quantizer, QuantMode
+from srquant.quant.spec import QuantSpec, matches
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+
+
+class _MagnitudeCalibrator(RangeCalibrator):
+    """Min/max plus the mean |x| of the inputs a layer sees (LSQ's initial step)."""
+
+    def __init__(self, name: str, quantizer: Quantizer) -> None:
+        super().__init__(name, quantizer)
+        self.abs_sum = 0.0
+        self.count = 0
+
+    def collect(self, x: torch.Tensor) -> None:
+        super().collect(x)
+        self.abs_sum += float(x.abs().sum())
+        self.count += x.numel()
+
+
+def quantize_granular(
+    model: nn.Module, layout: QuantLayout, config: GranularDQConfig, granularity: str = "tensor"
+) -> tuple[QuantReport, QuantSpec, list[str]]:
+    """`quantize_` the body at W{w_bits} LSQ, then give each body conv a `MultiBitLSQ` input quantizer."""
+    spec = QuantSpec(
+        config.w_bits,
+        max(config.candidate_bits),
+        weight_quantizer="lsq",
+        act_quantizer="lsq",
+        weight_granularity=granularity,
+        matmul=False,
+        full=False,
+    )
+    report = quantize_(model, spec, layout)
+    names = [name for name in report.layers if matches(name, layout.body)]
+    if not names:
+        raise SrquantError("Granular-DQ found no body layers: the layout's body matched nothing")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for name in names:
+        model.get_submodule(name).input_quantizer = MultiBitLSQ(config.candidate_bits).to(device)
+    return report, spec, names
+
+
+@torch.no_grad()
+def calibrate_granular(
+    model: nn.Module,
+    controller: GranularityBitController,
+    batches: Sequence[torch.Tensor],
+    config: GranularDQConfig,
+) -> None:
+    """Weight steps from max|W| (per row); activation signedness and LSQ steps from the calibration inputs; E2B
+    thresholds. Only the body runs quantized: layers that `quantize_` converted outside it stay FP."""
+    named = [(name, model.get_submodule(name)) for name in controller.layer_names]
+    for _, module in named:
+        wq = module.weight_quantizer
+        top = module.weight.detach().reshape(wq.rows, -1).abs().amax(dim=1).clamp_min(1e-8)
+        if config.weight_init == "max":
+            wq.set_range(-top, top)  # step max|W| / Qp: every level in use
+        else:
+            wq.init_lsq(top)  # the released code's 2 max|W| / sqrt(Qp)
+    stats = {f"{name}.input_quantizer": _MagnitudeCalibrator(name, m.input_quantizer) for name, m in named}
+    run_calibration(model, batches, stats, label="Granular-DQ calibration")
+    for name, module in named:
+        s = stats[f"{name}.input_quantizer"]
+        if s.count == 0 or s.lo is None:
+            raise SrquantError(f"Granular-DQ body layer {name} saw no calibration data")
+        module.input_quantizer.set_signed(float(s.lo.min()) < -1e-5)
+        module.input_quantizer.init_lsq(s.abs_sum / s.count)
+    controller.calibrate_thresholds(torch.cat([patch_entropy(b, controller.bins, controller.sigma) for b in batches]))
+    body = {f"{name}.{part}" for name in controller.layer_names for part in ("input_quantizer", "weight_quantizer")}
+    for name, q in quantizers(model):
+        q.mode = QuantMode.QUANT if name in body else QuantMode.FP
+
+
+@dataclass
+class GranularDQResult:
+    """A model quantized and trained by Granular-DQ, its controller and what happened."""
+
+    controller: GranularityBitController
+    attachment: Attachment
+    report: QuantReport
+    spec: QuantSpec
+    layers: tuple[str, ...]
+    head: str
+    config: GranularDQConfig
+    losses: list[float] = field(default_factory=list)
+    mean_bits: list[float] = field(default_factory=list)
+    thresholds: list[tuple[float, float]] = field(default_factory=list)
+    rollbacks: list[str] = field(default_factory=list)
+    stopped_early: bool = False
+    calib_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lr, hr) from what draw_batch returned: a tensor (LR only) or an (LR, HR-or-None) pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    return batch[0], batch[1]
+
+
+def _task_loss(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor | None, config: GranularDQConfig) -> torch.Tensor:
+    """L1 to HR (QAT) or to the same network in FP (distillation)."""
+    if config.loss == "distill":
+        with torch.no_grad(), fp_mode(model):
+            hr = model(lr)
+    elif hr is None:
+        raise SrquantError("Granular-DQ QAT needs HR crops: draw_batch must return (lr, hr)")
+    return F.l1_loss(model(lr), hr)
+
+
+def _trainable(model: nn.Module, controller: GranularityBitController, config: GranularDQConfig) -> list[nn.Parameter]:
+    """Quantizer steps and the controller (not for a fixed bit); in QAT mode also every model weight."""
+    steps = [p for _, q in quantizers(model) for p in q.parameters()]
+    params = steps + (list(controller.parameters()) if controller.fixed_bits is None else [])
+    if config.loss == "qat":
+        seen = set(map(id, params))
+        params += [p for p in model.parameters() if id(p) not in seen]
+    return params
+
+
+def run_granular_dq(
+    model: nn.Module,
+    layout: QuantLayout,
+    draw_batch: Callable[[int], Batch],
+    config: GranularDQConfig,
+    progress: bool = False,
+    draw_entropy_batch: Callable[[int], Batch] | None = None,
+    granularity: str = "tensor",
+) -> GranularDQResult:
+    """Quantize `model` in place, calibrate it and train it with Granular-DQ's patch-wise bits.
+
+    `draw_batch(n)` returns n LR crops in [0, 1] and their HR crops (`(lr, hr)`, as `CropSampler.draw(n, rng,
+    with_hr=True)`); in distillation mode an LR tensor alone is enough. The E2B thresholds come from the
+    calibration crops, or from `draw_entropy_batch` when given (use test-sized patches, e.g. 96x96, so that the
+    entropy distribution matches inference). The model is left in eval mode, quantized, with the controller
+    attached and in eval mode (deterministic bits).
+    """
+    start = time.perf_counter()
+    model.eval()
+    head = head_conv_name(model, layout)
+    report, spec, names = quantize_granular(model, layout, config, granularity)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    controller = GranularityBitController(names, model.get_submodule(head).out_channels, config).to(device)
+    sizes = [min(config.calib_batch, config.calib_count - i) for i in range(0, config.calib_count, config.calib_batch)]
+    calib = [_split(draw_batch(n))[0] for n in sizes]
+    calibrate_granular(model, controller, calib, config)
+    if draw_entropy_batch is not None:
+        ent = [_split(draw_entropy_batch(n))[0] for n in sizes]
+        controller.calibrate_thresholds(torch.cat([patch_entropy(b, controller.bins, controller.sigma) for b in ent]))
+    attachment = attach_controller(model, controller, head)
+    result = GranularDQResult(controller, attachment, report, spec, tuple(names), head, config)
+    result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
+    result.calib_seconds = time.perf_counter() - start
+    _train(model, controller, draw_batch, config, result, progress)
+    controller.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _train(
+    model: nn.Module,
+    controller: GranularityBitController,
+    draw_batch: Callable[[int], Batch],
+    config: GranularDQConfig,
+    result: GranularDQResult,
+    progress: bool,
+) -> None:
+    """Adam on steps, controller (and weights in QAT), ATC in the first epoch, with the divergence guard."""
+    if config.iterations == 0:
+        return
+    trainable = _trainable(model, controller, config)
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas)
+    generator = torch.Generator().manual_seed(config.seed)
+    controller.reseed(config.seed)
+    controller.eval()  # the guard's history: the calibrated model's own spread, at deterministic bits
+    with torch.no_grad():
+        seeds = [
+            float(_task_loss(model, *_split(draw_batch(config.batch_size)), config))
+            for _ in range(config.guard_seed_batches)
+        ]
+    guard = DivergenceGuard([*trainable, controller.thresholds], config.blowup_factor, config.max_rollbacks, seeds)
+    controller.train()
+    bar = tqdm(total=config.iterations, desc="Granular-DQ", disable=not progress, leave=False)
+    try:
+        with frozen_weights(model, trainable):
+            for step in range(config.iterations):
+                bar.update(1)
+                if step in config.lr_milestones:
+                    for group in optimizer.param_groups:
+                        group["lr"] *= config.lr_gamma
+                lr, hr = _split(draw_batch(config.batch_size))
+                if config.augment:
+                    k = random_dihedral(generator)
+                    lr, hr = dihedral(lr, k), (dihedral(hr, k) if hr is not None else None)
+                if step < config.epoch_iterations and controller.use_atc and controller.fixed_bits is None:
+                    controller.atc_update(patch_entropy(lr, controller.bins, controller.sigma))
+                task = _task_loss(model, lr, hr, config)
+                loss = task
+                if config.bit_penalty and controller.fixed_bits is None and controller.last_expected_bits is not None:
+                    loss = loss + config.bit_penalty * controller.last_expected_bits.mean() / 8
+                value, task_value = float(loss.detach()), float(task.detach())
+                if not guard.admit(value, f"step {step}", optimizer, monitored=task_value):
+                    if guard.stopped:
+                        break
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                guard.record(task_value)
+                result.losses.append(value)
+                if controller.last_bits is not None:
+                    result.mean_bits.append(float(controller.last_bits.float().mean()))
+                result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
+                bar.set_postfix(loss=f"{value:.4f}")
+        controller.eval()
+        with torch.no_grad():
+            guard.final_check(float(_task_loss(model, *_split(draw_batch(config.batch_size)), config)))
+        result.rollbacks, result.stopped_early = guard.rollbacks, guard.stopped
+    finally:
+        bar.close()
+        controller.eval()
+        for q in multibit_quantizers(model, controller):
+            q.select(None)

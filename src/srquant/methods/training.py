@@ -1,0 +1,168 @@
+"""The pieces every fine-tuning method shares: augmentation, the distillation loss, frozen weights, and the
+divergence guard that rolls a run back to its last sound state.
+
+The FP teacher is always the same network with quantization switched off (`fp_mode`), in eval mode, so no HR
+image is needed and no normalisation statistics move.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srquant.quant.quantize import fp_mode
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 rotations/flips of a batch (k in 0..7): the papers' rot90/180/270 + flip augmentation."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def random_dihedral(generator: torch.Generator) -> int:
+    """A seeded choice among the 8 dihedral transforms."""
+    return int(torch.randint(8, (1,), generator=generator))
+
+
+def normalised_feature_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between per-sample L2-normalised features (any layout: B x ...)."""
+    s = student.flatten(1)
+    t = teacher.flatten(1)
+    s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return F.mse_loss(s, t)
+
+
+@contextmanager
+def capture_stages(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the named stage modules during forward passes."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, _i: tuple, out: torch.Tensor, key: str = name) -> None:
+            store[key] = out[0] if isinstance(out, tuple) else out
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def frozen_weights(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Only `trainable` parameters require grad inside the block (saves weight-gradient work)."""
+    keep = {id(p) for p in trainable}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def distillation_loss(
+    model: nn.Module,
+    batch: torch.Tensor,
+    stages: Sequence[str],
+    feats: dict[str, torch.Tensor],
+    feature_weight: float,
+    average_stages: bool = False,
+) -> torch.Tensor:
+    """L1(student, FP teacher) + feature_weight * the normalised feature distance over the stages.
+
+    `feats` is the store of an active `capture_stages(model, stages)`. The stage terms are summed (2DQuant's
+    L_F) or averaged (`average_stages`: AdaBM's 1/n_blocks).
+    """
+    with torch.no_grad(), fp_mode(model):
+        target = model(batch)
+        teacher = {k: v.detach() for k, v in feats.items()}
+    loss = F.l1_loss(model(batch), target)
+    if stages and feature_weight:
+        total = sum(normalised_feature_distance(feats[k], teacher[k]) for k in stages)
+        loss = loss + feature_weight * (total / len(stages) if average_stages else total)
+    return loss
+
+
+class DivergenceGuard:
+    """Rolls training back to the last state that gave a sound loss when the loss turns NaN/inf or blows up.
+
+    A loss counts as blown up when it exceeds `factor` times the median of the recent sound losses (seeded with
+    the calibrated model's own losses, so a blow-up in the very first steps is caught too). On a blow-up the
+    tracked tensors (parameters, and buffers such as thresholds) are restored, the optimizer's learning rate is
+    halved and its state cleared, and a note is kept; after `max_rollbacks` the run stops with the last sound
+    state. `final_check` checks the last update, which no loss has judged yet.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        factor: float,
+        max_rollbacks: int,
+        seed_losses: Iterable[float] = (),
+        history: int = 50,
+    ) -> None:
+        self.tensors = list(tensors)
+        self.factor, self.max_rollbacks, self.history = factor, max_rollbacks, history
+        self.recent = [v for v in seed_losses if math.isfinite(v)][-history:]
+        self.good = self._snapshot()
+        self.rollbacks: list[str] = []
+        self.stopped = False
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self.tensors]
+
+    def restore(self) -> None:
+        """Put the last sound state back."""
+        with torch.no_grad():
+            for t, saved in zip(self.tensors, self.good, strict=True):
+                t.copy_(saved)
+
+    def median(self) -> float:
+        """Median of the recent sound losses (inf before any)."""
+        return sorted(self.recent)[len(self.recent) // 2] if self.recent else math.inf
+
+    def is_bad(self, value: float, monitored: float | None = None) -> bool:
+        """True for a non-finite loss, or a monitored loss above `factor` times the recent median."""
+        watched = value if monitored is None else monitored
+        return not math.isfinite(value) or (bool(self.recent) and watched > self.factor * self.median())
+
+    def admit(
+        self, value: float, label: str, optimizer: torch.optim.Optimizer | None = None, monitored: float | None = None
+    ) -> bool:
+        """Judge a loss computed from the current state: True lets the step go on (the state is remembered as
+        sound); False means the state was rolled back (and `stopped` says whether to give up)."""
+        if self.is_bad(value, monitored):
+            median = self.median()
+            self.restore()
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.5
+                optimizer.state.clear()
+            self.rollbacks.append(
+                f"{label}: loss {value:.4g} (median {median:.4g}); last sound state restored, lr halved"
+            )
+            self.stopped = len(self.rollbacks) >= self.max_rollbacks
+            return False
+        self.good = self._snapshot()
+        return True
+
+    def record(self, value: float) -> None:
+        """Add a sound loss to the history."""
+        self.recent = (self.recent + [value])[-self.history :]
+
+    def final_check(self, value: float) -> None:
+        """Judge the state the last update left (restores the last sound one if it blew up)."""
+        if not self.stopped and self.is_bad(value):
+            median = self.median()
+            self.restore()
+            self.rollbacks.append(f"final check: loss {value:.4g} (median {median:.4g}); last sound state restored")
