@@ -8,8 +8,9 @@ Resumable: finished cells live in docs/results/adabm_<preset>.json and are skipp
 Cells (`NAME|WxAy|VARIANT`): `fixed` (image2bit and layer2bit off: the same quantizer and fine-tuning at the
 base bits), `adabm` (defaults) for imdn, pan and carn-m at W4A4 and W8A6; on IMDN W4A4 also `image2bit-only`,
 `layer2bit-only` and `no-bac` (both adaptations, no bit-aware clipping). Each cell is quantized through
-`quantize_model(..., "adabm", ...)` on <assets>/calibration/train291, saved as a checkpoint and evaluated from it
-by `api.evaluate_quantized`, the code path of `srquant eval --model Q.pt`.
+`api.quantize(..., "adabm", ...)` on <assets>/calibration/train291 with per-tensor weights (as the stored cells
+were), saved as a checkpoint and evaluated from it by `api.evaluate_model`, the code path of
+`srquant eval --model Q.pt`.
 """
 
 from __future__ import annotations
@@ -21,17 +22,13 @@ from pathlib import Path
 
 from common import RESULTS, fp_scores, header, load_json, update_json
 
-from srquant import load_model
-from srquant.api import evaluate_quantized
-from srquant.methods.pipeline import quantize_model
-from srquant.models.registry import get_entry
+from srquant import api
 from srquant.quant.accounting import model_cost
-from srquant.quant.checkpoint import save_quantized
-from srquant.quant.spec import QuantSpec
 
 SCALE = 4
 DATASETS = ["Set5", "Set14", "B100", "Urban100"]
 NETWORKS = ("imdn", "pan", "carn-m")
+WEIGHT_GRANULARITY = "tensor"  # the stored cells were measured per tensor (before per-channel weights existed)
 BASES = ((4, 4), (8, 6))  # AdaBM run.sh's two base configurations, (w_bits, a_bits)
 VARIANTS: dict[str, dict[str, bool]] = {
     "fixed": {"image2bit": False, "layer2bit": False},
@@ -89,23 +86,27 @@ def run_cell(
     name: str, base: tuple[int, int], variant: str, assets: str | None, preset: str, datasets: list[str]
 ) -> dict:
     """Quantize one network by AdaBM with one variant's switches, save it, evaluate the checkpoint like `eval`."""
-    root = Path(assets) if assets else None
-    model = load_model(name, SCALE, assets)
-    calib = (root / "calibration" / "train291") if root else Path("calibration/train291")
-    datasets_root = root / "datasets" if root else None
-    spec = QuantSpec(*base)
-    overrides = VARIANTS[variant]
-    result = quantize_model(model, get_entry(name).layout, "adabm", spec, calib, preset, datasets_root, **overrides)
-    cost = model_cost(model, SCALE)  # size; BitOPs here are at the base bits (the measured ones come per image)
-    meta = {"method": "adabm", "preset": preset, "variant": variant, "settings": result.settings}
-    bit_log: dict[str, dict[str, dict]] = {}
+    result = api.quantize(
+        name,
+        SCALE,
+        "adabm",
+        *base,
+        preset=preset,
+        assets=assets,
+        device="cpu",
+        weight_granularity=WEIGHT_GRANULARITY,
+        **VARIANTS[variant],
+    )
+    cost = model_cost(result.network, SCALE)  # size; BitOPs here are at the base bits (measured ones: per image)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}_{base_label(base)}_{variant}.pt"
-        file_bytes = save_quantized(model, path, name, result.spec, meta, result.dynamic)
-        results = evaluate_quantized(path, datasets, SCALE, ("basicsr",), assets, False, bit_log)
+        file_bytes = result.save(path, {"variant": variant})
+        evaluation = api.evaluate_model(
+            path, SCALE, datasets, ("basicsr",), assets, device="cpu", progress=False, record_bits=True
+        )
     scores = {}
-    for r in results:
-        image_fab = [entry["fab"] for entry in bit_log[r.dataset].values()]
+    for r in evaluation.results:
+        image_fab = [entry["fab"] for entry in evaluation.bits[r.dataset].values()]
         scores[r.dataset] = {
             "psnr": r.psnr,
             "ssim": r.ssim,

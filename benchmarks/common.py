@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -51,11 +52,14 @@ def load_json(path: Path) -> dict:
 
 
 def update_json(path: Path, key: str, value: object) -> dict:
-    """Add one finished cell to a results file, re-reading it first so parallel workers do not overwrite
-    each other's cells; returns the merged results."""
-    data = load_json(path)
-    data[key] = value
-    save_json(path, data)
+    """Add one finished cell to a results file under an exclusive lock (re-reading it first), so parallel
+    workers never overwrite each other's cells; returns the merged results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_json(path)
+        data[key] = value
+        save_json(path, data)
     return data
 
 

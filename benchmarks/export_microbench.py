@@ -7,7 +7,7 @@
 - uint8 nearest x2 upsampling of 24 channels, `Resize` against `Concat` + `DepthToSpace` (same values).
 - Whole integer graphs with each rewrite on and off, side by side in one process, with a check that the
   outputs are equal: widening (CARN-M conv only, PAN with integer glue) and densifying grouped convs (CARN-M
-  with integer glue); the deployable W8A8 recipe of `speed_table.py`.
+  with integer glue); the W7A8 deploy recipe of `speed_table.py` (conv only: without glue, exported inexact).
 - CARN-M's FP32 graph as exported against the same graph with dense weights: densifying is not a way to a
   faster FP32 baseline.
 - CARN-M's 4-group upsampling conv as one conv per group, and the whole integer graph with the layout rewrites
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS, header, load_json, update_json
-from speed_table import quantize_w8a8
+from speed_table import quantize_w7a8
 
 from srquant import api
 from srquant.deploy import onnx_export
@@ -155,9 +155,11 @@ def rewrite_on_and_off(name: str, glue: bool, rewrite: str, assets: str, threads
     QLinearConcat)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model, _, _ = api.load_quantized_model(quantize_w8a8(name, assets, folder, glue))
+        model = api.load_quantized(quantize_w7a8(name, assets, folder, glue), "cpu")
+        inexact = not glue  # conv only leaves float glue between the integer kernels: not the deploy recipe
         layout = rewrite in ("widen", "regrid", "concat")  # the layout rewrites on both sides; off for `dense`
-        onnx_export.export_onnx(model, folder / "on.onnx", layout_rewrites=layout or rewrite == "layout")
+        layout_on = layout or rewrite == "layout"
+        onnx_export.export_onnx(model, folder / "on.onnx", layout_rewrites=layout_on, allow_inexact=inexact)
         saved = (
             onnx_export._widen_narrow_convs,
             onnx_export.DENSE_MAX_GROUPS,
@@ -173,7 +175,7 @@ def rewrite_on_and_off(name: str, glue: bool, rewrite: str, assets: str, threads
         elif rewrite == "concat":
             onnx_export.concat_in_uint8 = lambda graph: []  # onnxruntime fuses them into QLinearConcat then
         try:
-            onnx_export.export_onnx(model, folder / "off.onnx", layout_rewrites=layout)
+            onnx_export.export_onnx(model, folder / "off.onnx", layout_rewrites=layout, allow_inexact=inexact)
         finally:
             (
                 onnx_export._widen_narrow_convs,

@@ -3,7 +3,8 @@
     python benchmarks/glue_ablation.py --assets ../shared/assets [--models imdn,pan,carn-m] [--method minmax]
         [--pan-released-order] [--summary]
 
-For each network: the deployable W8A8 recipe without glue (`conv only`), with every glue tap quantized
+For each network: the deploy recipe (`--deploy onnxruntime`: W7A8 everywhere, symmetric per-channel weights,
+simulated 8-bit outputs) without glue (`conv only`), with every glue tap quantized
 (`all glue`), and with one group of taps quantized at a time (`only <group>`; the other taps are left out by
 `keep_fp`, so layers that would share a left-out tap's grid keep their own). Taps are grouped by name with
 block indices replaced by `#`. `--pan-released-order` adds PAN computed as released, LeakyReLU(x * gate) in
@@ -73,18 +74,11 @@ def load(name: str, assets: str, released: bool) -> nn.Module:
 
 
 def set5_psnr(name: str, assets: str, method: str, glue: bool, keep_fp: tuple[str, ...], released: bool) -> float:
-    """Quantize the zoo network by the deployable W8A8 recipe and score the fake-quant model on Set5."""
+    """Quantize the zoo network by the deploy recipe (W7A8) and score the fake-quant model on Set5."""
     model = load(name, assets, released)
-    spec = QuantSpec(
-        8,
-        8,
-        full=True,
-        weight_quantizer="symmetric",
-        output_bits=8,
-        glue_bits=8 if glue else None,
-        matmul=False,
-        keep_fp=keep_fp,
-    )
+    fields = {"weight_granularity": "channel", "matmul": False, "keep_fp": keep_fp}
+    w_bits, fields = api.deploy_recipe("onnxruntime", model, 8, 8, fields)
+    spec = QuantSpec(w_bits, 8, **{**fields, "glue_bits": 8 if glue else None})
     root = Path(assets)
     calib = root / "calibration" / "train291"
     quantize_model(model, get_entry(name).layout, method, spec, calib, datasets_root=root / "datasets")
@@ -116,7 +110,7 @@ def table() -> str:
         "`--models imdn,pan --method dobi --summary` and `--models imdn,pan --method percentile --summary "
         "--pan-released-order"
     )
-    lines = [header("Integer glue: Set5 PSNR by quantized group (W8A8 full, fake-quant)", produced_by), ""]
+    lines = [header("Integer glue: Set5 PSNR by quantized group (W7A8 full, fake-quant)", produced_by), ""]
     sections: dict[tuple[str, str], list[tuple[str, dict]]] = {}
     for key, cell in data.items():
         label, method, row = key.split("|")

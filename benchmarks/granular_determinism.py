@@ -30,27 +30,26 @@ def one_run(model_path: str, datasets: list[str], assets: str | None, limit: int
     """Super-resolve every LR image once; {dataset/image: {"bits": [...], "sha256": ...}}."""
     import torch
 
+    from srquant import load_quantized
     from srquant.data.benchmark import BenchmarkSet
     from srquant.data.io import to_tensor
-    from srquant.methods.dynamic import eval_hooks, load_dynamic
+    from srquant.methods.granular_dq import PatchwiseBitsModel
 
-    model, _, controller = load_dynamic(model_path)
+    model = load_quantized(model_path, "cpu")
+    if not isinstance(model, PatchwiseBitsModel):
+        raise SystemExit(f"{model_path} is not a Granular-DQ checkpoint: no patch-wise bits to compare")
     model.eval()
     out: dict[str, dict] = {}
     for dataset in datasets:
-        log: dict[str, dict] = {}
-        upscaler, measure = eval_hooks(model, controller, SCALE, log)
-        if upscaler is None or measure is None:
-            raise SystemExit(f"{model_path} is not a Granular-DQ checkpoint: no patch-wise bits to compare")
         for i, pair in enumerate(BenchmarkSet.from_assets(dataset, assets).iter_pairs(SCALE)):
             if limit is not None and i >= limit:
                 break
             lr = to_tensor(pair.lr)
             with torch.no_grad():
-                sr = upscaler(lr)
-            measure(pair.name, lr)
+                sr = model(lr)
+            bits = [p.bit for p in model.patch_bits(lr)]  # the bits of the run above (it is not repeated)
             digest = hashlib.sha256(sr.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
-            out[f"{dataset}/{pair.name}"] = {"bits": [p["bit"] for p in log[pair.name]["patches"]], "sha256": digest}
+            out[f"{dataset}/{pair.name}"] = {"bits": bits, "sha256": digest}
     return out
 
 

@@ -11,12 +11,12 @@ patch-wise inference and training schedule, no controller) and `granular-dq` (de
 lmlt-tiny; on IMDN also `controller-only` (e2b=False, atc=False) and `e2b` (atc=False), the rows of the paper's
 Table 3; and `fp-patchwise` (the float network run on the same 96 px patches, to show what patch-wise inference
 alone costs).
-Each quantized cell goes through `quantize_model(..., "granular-dq", QuantSpec(8, 8), ...)` on
-<assets>/calibration/train291, is saved as a checkpoint and evaluated from it by `api.evaluate_quantized`, the code
-path of `srquant eval --model Q.pt` (patch-wise, 96 px LR patches, step 90). `--iterations N` trains for N iterations
-with the preset's schedule stretched (smoke runs, or longer runs with `--results` elsewhere; recorded, and such a
-cell is re-run by a later run without it). `--bitmaps DIR` writes bit maps of two
-Urban100 images of the imdn `granular-dq` cell (lowest and highest FAB) and a markdown page embedding them.
+Each quantized cell goes through `quantize_model(..., "granular-dq", QuantSpec(8, 8), ...)` (per-tensor weights, as
+the stored cells were) on <assets>/calibration/train291, is saved as a checkpoint and evaluated from it by
+`api.evaluate_model`, the code path of `srquant eval --model Q.pt` (patch-wise, 96 px LR patches, step 90).
+`--iterations N` trains for N iterations with the preset's schedule stretched (smoke runs, or longer runs with
+`--results` elsewhere; recorded, and such a cell is re-run by a later run without it). `--bitmaps DIR` writes bit
+maps of two Urban100 images of the imdn `granular-dq` cell (lowest and highest FAB) and a markdown page embedding them.
 """
 
 from __future__ import annotations
@@ -29,23 +29,25 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, fp_scores, header, load_json, update_json
+from torch import nn
 
 from srquant import evaluate, load_model
-from srquant.api import evaluate_quantized
+from srquant.api import evaluate_model
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import read_image, write_image
-from srquant.methods.granular_dq import PALETTE, PatchBit, bit_map, get_granular_dq_preset, patch_boxes
+from srquant.methods.granular_dq import PALETTE, PatchBit, bit_map, patch_boxes
 from srquant.methods.granular_dq import upscale_patchwise as patchwise
 from srquant.methods.pipeline import quantize_model
+from srquant.methods.registry import get_method
 from srquant.models.registry import get_entry
 from srquant.quant.accounting import model_cost
-from srquant.quant.checkpoint import save_quantized
 from srquant.quant.spec import QuantSpec
 
 SCALE = 4
 DATASETS = ["Set5", "Set14", "B100", "Urban100"]
 NETWORKS = ("imdn", "pan", "lmlt-tiny")
-PATCH, STEP = 96, 90  # the patch-wise evaluation's LR patch and step (PatchwiseRunner's defaults)
+PATCH, STEP = 96, 90  # the patch-wise evaluation's LR patch and step (PatchwiseBitsModel's defaults)
+WEIGHT_GRANULARITY = "tensor"  # the stored cells were measured per tensor (before per-channel weights existed)
 FP_PATCHWISE = "fp-patchwise"
 VARIANTS: dict[str, dict[str, object]] = {
     "fixed8": {"fixed_bits": 8},
@@ -132,29 +134,21 @@ def run_cell(
     if iterations is not None:
         overrides["iterations"] = iterations
     start = time.perf_counter()
+    spec = QuantSpec(8, 8, weight_granularity=WEIGHT_GRANULARITY)
     result = quantize_model(
-        model, get_entry(name).layout, "granular-dq", QuantSpec(8, 8), calib, preset, datasets_root, **overrides
+        model, get_entry(name).layout, "granular-dq", spec, calib, preset, datasets_root, **overrides
     )
     train_seconds = time.perf_counter() - start
-    cost = model_cost(model, SCALE)  # size; BitOPs here are at the widest bit (the measured ones come per image)
-    meta = {
-        "method": "granular-dq",
-        "preset": preset,
-        "variant": variant,
-        "calib_folder": str(calib),
-        "calib_seconds": result.calib_seconds,
-        "settings": result.settings,
-        "quantized": result.report.summary(),
-        "rollbacks": result.rollbacks,
-    }
-    bit_log: dict[str, dict[str, dict]] = {}
+    cost = model_cost(result.network, SCALE)  # size; BitOPs here are at the widest bit (measured ones: per image)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}_{variant}.pt"
-        file_bytes = save_quantized(model, path, name, result.spec, meta, result.dynamic)
-        results = evaluate_quantized(path, datasets, SCALE, ("basicsr",), assets, False, bit_log)
+        file_bytes = result.save(path, {"variant": variant})
+        evaluation = evaluate_model(
+            path, SCALE, datasets, ("basicsr",), assets, device="cpu", progress=False, record_bits=True
+        )
     scores = {}
-    for r in results:
-        images = {image: _image_record(entry) for image, entry in bit_log[r.dataset].items()}
+    for r in evaluation.results:
+        images = {image: _image_record(entry) for image, entry in evaluation.bits[r.dataset].items()}
         fabs = [float(rec["fab"]) for rec in images.values()]  # type: ignore[arg-type]
         scores[r.dataset] = {
             "psnr": r.psnr,
@@ -177,7 +171,7 @@ def run_cell(
         "settings": result.settings,  # the Granular-DQ config used, the crop and entropy-patch sizes
         "train_seconds": train_seconds,  # wall time of quantize_model: crops, calibration, training
         "rollbacks": result.rollbacks,
-        "thresholds": result.dynamic["state"]["thresholds"].tolist() if result.dynamic else None,
+        "thresholds": result.state["controller"]["thresholds"].tolist() if result.state else None,
         "size_mb": cost.size_mb,
         "fp_size_mb": cost.fp_size_mb,
         "file_mb": file_bytes / 1e6,
@@ -187,14 +181,24 @@ def run_cell(
     }
 
 
+class FloatPatchwise(nn.Module):
+    """A float network run on the evaluation's patches (PATCH px, step STEP, overlaps averaged), image by image."""
+
+    supports_tiling = False  # it always runs patch-wise
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.scale = int(network.scale)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return torch.cat([patchwise(self.network, None, image, PATCH, STEP)[0] for image in lr.split(1)])
+
+
 def run_fp_patchwise(name: str, assets: str | None, datasets: list[str]) -> dict:
     """The float network run on the evaluation's 96 px patches (step 90, overlaps averaged), no quantization."""
-    model = load_model(name, SCALE, assets)
-
-    def upscaler(lr: torch.Tensor) -> torch.Tensor:
-        return patchwise(model, None, lr, PATCH, STEP)[0]
-
-    results = evaluate(model, datasets, SCALE, ["basicsr"], assets, None, False, None, upscaler)
+    model = FloatPatchwise(load_model(name, SCALE, assets))
+    results = evaluate(model, datasets, SCALE, ["basicsr"], assets, progress=False)
     scores = {
         r.dataset: {"psnr": r.psnr, "ssim": r.ssim, "images": r.images, "eval_seconds": r.seconds} for r in results
     }
@@ -227,7 +231,9 @@ def main() -> None:
     plan = parse_only(args.only) if args.only else PLAN
     default_store = RESULTS / f"granular_{args.preset}.json"
     store: Path = args.results or default_store
-    wanted = args.iterations if args.iterations is not None else get_granular_dq_preset(args.preset).iterations
+    wanted = (
+        args.iterations if args.iterations is not None else get_method("granular-dq").config(args.preset).iterations
+    )
     for name, variant in [] if args.table_only else plan:
         fp = load_json(store).get(f"{name}|fp", {})
         if any(ds not in fp for ds in datasets):
@@ -324,7 +330,7 @@ def write_table(
 ) -> None:
     """Markdown: FP/fixed8/fixed4/Granular-DQ per network, the IMDN ablation (Table 3's shape), the paper for scale."""
     lines = [header(f"Granular-DQ, x{SCALE}, BasicSR convention, preset `{preset}`", produced_by), ""]
-    iterations = get_granular_dq_preset(preset).iterations
+    iterations = get_method("granular-dq").config(preset).iterations
     odd = [f"`{k}` ({c['iterations']})" for k, c in done.items() if c.get("iterations") not in (None, iterations)]
     if odd:
         lines.append(

@@ -1,145 +1,166 @@
-"""PTQ baselines and 2DQuant on the shipped networks (x4): PSNR/SSIM, drop from FP, calibration time, size,
-BitOPs. Resumable: finished cells live in docs/results/ptq.json and are skipped on a re-run.
+"""Fixed-bit PTQ methods on the shipped networks (x4): PSNR/SSIM on the four benchmarks, drop from FP, calibration
+wall time, size and BitOPs, per weight granularity. Resumable: finished cells live in docs/results/ptq.json and
+are skipped on a re-run; tables are written from whatever cells exist.
 
-    python benchmarks/ptq_table.py --assets ../shared/assets [--preset cpu] [--only imdn:4]
+    python benchmarks/ptq_table.py --assets ../shared/assets --plan granularity   # per tensor vs per channel
+    python benchmarks/ptq_table.py --assets ../shared/assets --only imdn:4:dobi:channel --threads 1
+    python benchmarks/ptq_table.py --table-only
 
-Order: every network at W4A4, then IMDN and LMLT-Tiny at W3A3 and W2A2; for each, minmax, percentile, dobi,
-2dquant. Calibration images: <assets>/calibration/train291 (never a benchmark image).
+A cell is `network:bits:method:granularity` (bits b means WbAb). Calibration images: <assets>/calibration/train291
+(never a benchmark image).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import time
 
-from common import RESULTS, fp_scores, header, load_json, update_json
+import torch
+from common import RESULTS, fp_scores, header, load_json, machine, update_json
 
-from srquant import evaluate, load_model
-from srquant.methods.pipeline import quantize_model
-from srquant.models.registry import get_entry
+from srquant import api, evaluate
 from srquant.quant.accounting import model_cost
-from srquant.quant.spec import QuantSpec
 
 SCALE = 4
-METHODS = ("minmax", "percentile", "dobi", "2dquant")  # this table's methods (the dynamic ones have their own)
 DATASETS = ["Set5", "Set14", "B100", "Urban100"]
-PLAN = [(name, 4) for name in ("imdn", "lmlt-tiny", "pan", "carn-m", "eswt")] + [
-    (name, bits) for bits in (3, 2) for name in ("imdn", "lmlt-tiny")
-]
-# 2DQuant Table 3, SwinIR-light x4, Set5 drop from FP (32.45 dB), for scale.
-PAPER_SET5_DROP = {
-    4: {"minmax": -3.82, "percentile": -1.81, "dobi": -1.35, "2dquant": -0.68},
-    3: {"minmax": -13.04, "percentile": -4.90, "dobi": -2.86, "2dquant": -1.55},
-    2: {"minmax": -8.49, "percentile": -9.42, "dobi": -3.63, "2dquant": -2.92},
+NETWORKS = ("imdn", "pan", "carn-m", "eswt", "lmlt-tiny")
+PLANS = {
+    # Issue 14: does per-channel weight quantization help? Both granularities, the papers' methods, W4A4 and W8A8.
+    "granularity": [
+        (name, bits, method, gran)
+        for name in NETWORKS
+        for bits in (4, 8)
+        for method in ("dobi", "2dquant")
+        for gran in ("tensor", "channel")
+    ],
 }
+STORE = RESULTS / "ptq.json"
 
 
-def run_cell(name: str, bits: int, method: str, assets: str | None, preset: str) -> dict:
+def cell_key(name: str, bits: int, method: str, granularity: str, preset: str) -> str:
+    """The results-file key of one cell."""
+    return f"{name}|W{bits}A{bits}|{method}|{granularity}|{preset}"
+
+
+def run_cell(name: str, bits: int, method: str, granularity: str, preset: str, assets: str | None) -> dict:
     """Quantize one network by one method and evaluate it on the four benchmarks."""
-    root = Path(assets) if assets else None
-    model = load_model(name, SCALE, assets)
-    calib = (root / "calibration" / "train291") if root else Path("calibration/train291")
-    datasets_root = root / "datasets" if root else None
-    result = quantize_model(model, get_entry(name).layout, method, QuantSpec(bits, bits), calib, preset, datasets_root)
-    cost = model_cost(model, SCALE)
-    results = evaluate(model, DATASETS, SCALE, ["basicsr"], assets, progress=False)
-    scores = {r.dataset: {"psnr": r.psnr, "ssim": r.ssim} for r in results}
-    cell = {
+    start = time.perf_counter()
+    result = api.quantize(
+        name, SCALE, method, bits, bits, preset=preset, assets=assets, device="cpu", weight_granularity=granularity
+    )
+    cost = model_cost(result.network, SCALE)
+    results = evaluate(result.model, DATASETS, SCALE, ["basicsr"], assets, progress=False)
+    return {
         "calib_seconds": result.calib_seconds,
+        "wall_seconds": time.perf_counter() - start,
         "size_mb": cost.size_mb,
-        "fp_size_mb": cost.fp_size_mb,
         "bitops_g": cost.bitops_g,
-        "fp_ops_g": cost.fp_ops_g,
-        "scores": scores,
+        "scores": {r.dataset: {"psnr": r.psnr, "ssim": r.ssim} for r in results},
         "quantized": result.report.summary(),
+        "rollbacks": result.rollbacks,
+        "machine": machine(),
     }
-    if result.dqc is not None:
-        cell["dqc_rollbacks"] = result.dqc.rollbacks
-    return cell
+
+
+def parse_cells(text: str) -> list[tuple[str, int, str, str]]:
+    """`name:bits:method:granularity,...` -> cells."""
+    cells = []
+    for item in text.split(","):
+        name, bits, method, gran = item.split(":")
+        cells.append((name, int(bits), method, gran))
+    return cells
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None)
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--only", default=None, help="comma list of name:bits cells to run (default: the plan)")
-    parser.add_argument("--table-only", action="store_true", help="write the table from the results file")
+    parser.add_argument("--plan", choices=sorted(PLANS), help="a named set of cells")
+    parser.add_argument("--only", help="comma list of name:bits:method:granularity cells")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--table-only", action="store_true", help="write the tables from the results file")
     args = parser.parse_args()
-    plan = [(n, int(b)) for n, b in (c.split(":") for c in args.only.split(","))] if args.only else PLAN
-    store = RESULTS / f"ptq_{args.preset}.json"
-    done = load_json(store)
-    for name, bits in [] if args.table_only else plan:
-        if f"{name}|fp" not in done:
-            done = update_json(store, f"{name}|fp", fp_scores(name, SCALE, DATASETS, args.assets))
-        for method in METHODS:
-            key = f"{name}|W{bits}A{bits}|{method}"
-            if key in load_json(store):
-                continue
-            cell = run_cell(name, bits, method, args.assets, args.preset)
-            done = update_json(store, key, cell)
-            s5 = cell["scores"]["Set5"]["psnr"]
-            print(f"{key:<28} Set5 {s5:.2f}  calib {cell['calib_seconds']:.0f}s", flush=True)
-    write_table(load_json(store), args.preset)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cells = parse_cells(args.only) if args.only else PLANS.get(args.plan or "", [])
+    for name, bits, method, gran in [] if args.table_only else cells:
+        if f"{name}|fp" not in load_json(STORE):
+            update_json(STORE, f"{name}|fp", fp_scores(name, SCALE, DATASETS, args.assets))
+        key = cell_key(name, bits, method, gran, args.preset)
+        if key in load_json(STORE):
+            continue
+        cell = run_cell(name, bits, method, gran, args.preset, args.assets)
+        update_json(STORE, key, cell)
+        print(f"{key:<40} Set5 {cell['scores']['Set5']['psnr']:.2f}  calib {cell['calib_seconds']:.0f}s", flush=True)
+    write_granularity_table(load_json(STORE), args.preset)
 
 
-def ordering_report(done: dict, models: list[str]) -> list[str]:
-    """Where the expected PSNR order minmax < percentile < dobi < 2dquant fails, per network, bits and dataset."""
-    lines = ["## Ordering check (PSNR, minmax < percentile < dobi < 2dquant)", ""]
-    for name in models:
-        for bits in (4, 3, 2):
-            cells = [done.get(f"{name}|W{bits}A{bits}|{m}") for m in METHODS]
-            if any(c is None for c in cells):
-                continue
-            broken = []
-            for d in DATASETS:
-                values = [c["scores"][d]["psnr"] for c in cells]  # type: ignore[index]
-                for i in range(len(METHODS) - 1):
-                    if not values[i] < values[i + 1]:
-                        broken.append(f"{d}: {METHODS[i]} {values[i]:.2f} >= {METHODS[i + 1]} {values[i + 1]:.2f}")
-            verdict = "holds on all four sets" if not broken else "fails on " + "; ".join(broken)
-            lines.append(f"- {name} W{bits}A{bits}: {verdict}")
-    return lines
+def _scores(cell: dict, fp: dict) -> str:
+    """`PSNR/SSIM (drop)` per dataset."""
+    parts = []
+    for d in DATASETS:
+        got = cell["scores"][d]
+        parts.append(f"{got['psnr']:.2f}/{got['ssim']:.4f} ({got['psnr'] - fp[d]['psnr']:+.2f})")
+    return " | ".join(parts)
 
 
-def write_table(done: dict, preset: str) -> None:
-    """Markdown table: FP row, then each method with PSNR/SSIM and the drop from FP per dataset."""
-    produced_by = f"python benchmarks/ptq_table.py --assets ../shared/assets --preset {preset}"
-    lines = [header(f"PTQ baselines and 2DQuant, x4, BasicSR convention, preset `{preset}`", produced_by), ""]
+def write_granularity_table(done: dict, preset: str) -> None:
+    """docs/results/ptq_granularity.md: per tensor against per channel, cell by cell, and what per channel gains."""
+    command = f"python benchmarks/ptq_table.py --assets ../shared/assets --plan granularity --preset {preset}"
+    lines = [header(f"Weight granularity: per tensor against per output channel, x4, preset `{preset}`", command), ""]
     lines.append(
-        "Cells are resumable and were run by workers with `--only NAME:BITS,...`, one torch thread each, while "
-        "other benchmarks shared the 2 cores: calibration times are upper bounds (see the note below the "
-        "table for a measurement on an idle machine).\n"
-    )
-    lines.append(
-        "Drop = method PSNR - FP PSNR. Size: parameter storage in decimal MB. BitOPs: G, MACs-based, for a "
-        "1280x720 output (sum of ops * w/32 * a/32). Calibration time includes loading the calibration images.\n"
+        "PSNR/SSIM on the Y channel (BasicSR convention, whole images) with the drop from FP in brackets. "
+        "Per tensor = one weight grid per layer (per slice for the fused q/k/v weights, as 2DQuant does); per "
+        "channel = one grid per output channel. Activations are per tensor in both. Calibration seconds include "
+        "loading the calibration images; cells ran one at a time with the torch threads named in each cell's "
+        "`machine` (docs/results/ptq.json).\n"
     )
     cols = " | ".join(f"{d} PSNR/SSIM (drop)" for d in DATASETS)
-    lines.append(f"| model | bits | method | {cols} | calib s | size MB | BitOPs G | 2DQuant Set5 drop |")
-    lines.append("|---" * (7 + len(DATASETS)) + "|")
-    models = list(dict.fromkeys(k.split("|")[0] for k in done))
-    for name in models:
+    lines.append(f"| network | bits | method | weights | {cols} | calib s | size MB |")
+    lines.append("|---" * (6 + len(DATASETS)) + "|")
+    gains = []
+    for name in NETWORKS:
         fp = done.get(f"{name}|fp")
         if not fp:
             continue
-        cells = " | ".join(f"{fp[d]['psnr']:.2f}/{fp[d]['ssim']:.4f}" for d in DATASETS if d in fp)
-        lines.append(f"| {name} | FP | - | {cells} | - | - | - | - |")
-        for bits in (4, 3, 2):
-            for method in METHODS:
-                cell = done.get(f"{name}|W{bits}A{bits}|{method}")
-                if cell is None:
-                    continue
-                parts = []
-                for d in DATASETS:
-                    got = cell["scores"][d]
-                    parts.append(f"{got['psnr']:.2f}/{got['ssim']:.4f} ({got['psnr'] - fp[d]['psnr']:+.2f})")
-                paper = PAPER_SET5_DROP[bits][method]
-                lines.append(
-                    f"| {name} | W{bits}A{bits} | {method} | {' | '.join(parts)} | {cell['calib_seconds']:.0f} | "
-                    f"{cell['size_mb']:.3f} | {cell['bitops_g']:.2f} | {paper:+.2f} |"
-                )
-    lines += ["", *ordering_report(done, models)]
-    out = RESULTS / f"ptq_{preset}.md"
+        lines.append(
+            f"| {name} | FP | - | - | "
+            + " | ".join(f"{fp[d]['psnr']:.2f}/{fp[d]['ssim']:.4f}" for d in DATASETS)
+            + " | - | - |"
+        )
+        for bits in (4, 8):
+            for method in ("dobi", "2dquant"):
+                pair = {}
+                for gran in ("tensor", "channel"):
+                    cell = done.get(cell_key(name, bits, method, gran, preset))
+                    if cell is None:
+                        continue
+                    pair[gran] = cell
+                    lines.append(
+                        f"| {name} | W{bits}A{bits} | {method} | per {gran} | {_scores(cell, fp)} | "
+                        f"{cell['calib_seconds']:.0f} | {cell['size_mb']:.3f} |"
+                    )
+                if len(pair) == 2:
+                    delta = [
+                        pair["channel"]["scores"][d]["psnr"] - pair["tensor"]["scores"][d]["psnr"] for d in DATASETS
+                    ]
+                    gains.append((name, bits, method, delta))
+    if gains:
+        lines += ["", "## What per-channel weights gain (PSNR, per channel minus per tensor)", ""]
+        lines.append("| network | bits | method | " + " | ".join(DATASETS) + " |")
+        lines.append("|---" * (3 + len(DATASETS)) + "|")
+        for name, bits, method, delta in gains:
+            lines.append(f"| {name} | W{bits}A{bits} | {method} | " + " | ".join(f"{v:+.2f}" for v in delta) + " |")
+        worse = [
+            (n, b, m, d) for n, b, m, delta in gains for d, v in zip(DATASETS, delta, strict=True) if b == 4 and v <= 0
+        ]
+        lines.append("")
+        lines.append(
+            "Every W4A4 cell improves with per-channel weights."
+            if not worse
+            else "W4A4 cells that do not improve: " + ", ".join(f"{n} {m} {d}" for n, _, m, d in worse) + "."
+        )
+    out = RESULTS / "ptq_granularity.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

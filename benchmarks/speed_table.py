@@ -3,12 +3,13 @@
     python benchmarks/speed_table.py --assets ../shared/assets [--threads 2] [--runs 10] [--size 256x256]
         [--only speed,sizes,profile,pt2e]
 
-Speed: every shipped CNN at x4 and the transformers, quantized W8A8 (fully: head and tail too) by MinMax with
-symmetric weights and simulated 8-bit outputs (`--output-bits 8`), and for networks with glue taps a second
-time with the tensors between layers quantized too (`--glue-bits 8`), exported with `srquant export`, timed with
-`srquant bench-speed` (FP32 as exported and with the exact layout rewrites, each at onnxruntime's "extended"
-and "all" levels, the fastest counts; all graphs interleaved in one fresh process; median of --runs), Set5
-PSNR of the integer graph against the fake-quant model.
+Speed: every shipped CNN at x4 and the transformers, quantized by MinMax with the deploy recipe
+(`--deploy onnxruntime`: W7A8 everywhere, head and tail too, symmetric per-channel weights, simulated 8-bit
+outputs, the tensors between layers at 8 bits where the network has glue taps), and once with the layers only
+(no glue, float attention matmuls: exported inexact, `--allow-inexact`), exported with `srquant export`, timed
+with `srquant bench-speed` (FP32 as exported and with the exact layout rewrites, each at onnxruntime's
+"extended" and "all" levels, the fastest counts; all graphs interleaved in one fresh process; median of
+--runs), Set5 PSNR of the integer graph against the fake-quant model.
 Sizes: the float checkpoint against packed 8/4/2-bit checkpoints (MinMax, default layers). Profile: time per
 operator type of the integer and float graphs (why a network gains or not). PT2E: PyTorch's x86 Inductor int8
 flow against eager, channels-last and compiled FP32 on IMDN (the candidate second backend).
@@ -35,7 +36,6 @@ from srquant.deploy.speed import fp32_graphs, parse_size
 from srquant.errors import SrquantError
 from srquant.methods.pipeline import quantize_model
 from srquant.models.registry import build_model, get_entry
-from srquant.quant.checkpoint import save_quantized
 from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS
 from srquant.quant.spec import QuantSpec
 
@@ -46,8 +46,10 @@ OUT = RESULTS / "speed_cpu.json"
 
 
 RECIPES = {"speed": "layers only", "speed-glue": "+ integer glue", "speed-matmul": "+ attention matmuls"}
-"""Cell prefix -> row label: convs / linear layers only; with the tensors between them (CNNs with glue taps);
-with the attention matmuls' operands (transformers)."""
+"""Cell prefix -> row label: convs / linear layers only (an ablation: exported inexact); with the tensors between
+them (CNNs with glue taps: the deploy recipe); with the attention matmuls' operands (transformers: the deploy
+recipe)."""
+INEXACT = {"speed"}  # recipes that leave float between the integer kernels: exported with allow_inexact
 
 
 def has_hooks(name: str, prefix: str) -> bool:
@@ -60,14 +62,14 @@ def has_hooks(name: str, prefix: str) -> bool:
     return True
 
 
-def quantize_w8a8(name: str, assets: str, folder: Path, glue: bool = False, matmul: bool = False) -> Path:
-    """The deployable W8A8 recipe: full, MinMax, symmetric weights, simulated integer outputs; with `glue`, the
-    tensors between layers are quantized too (`--glue-bits 8`); with `matmul`, the attention matmuls' operands
-    (float matmuls otherwise, `--no-matmul`)."""
+def quantize_w7a8(name: str, assets: str, folder: Path, glue: bool = False, matmul: bool = False) -> Path:
+    """The deploy recipe (`--deploy onnxruntime`: W7A8 everywhere, symmetric per-channel weights, simulated integer
+    outputs) by MinMax; the tensors between layers quantized only with `glue`, the attention matmuls' operands
+    only with `matmul` (float otherwise, `--no-matmul`)."""
     model = api.load_model(name, SCALE, assets)
-    spec = QuantSpec(
-        8, 8, full=True, weight_quantizer="symmetric", output_bits=8, glue_bits=8 if glue else None, matmul=matmul
-    )
+    fields = {"weight_granularity": "channel", "matmul": matmul}
+    w_bits, fields = api.deploy_recipe("onnxruntime", model, 8, 8, fields)
+    spec = QuantSpec(w_bits, 8, **{**fields, "glue_bits": fields["glue_bits"] if glue else None})
     root = Path(assets)
     result = quantize_model(
         model,
@@ -77,8 +79,8 @@ def quantize_w8a8(name: str, assets: str, folder: Path, glue: bool = False, matm
         root / "calibration" / "train291",
         datasets_root=root / "datasets",
     )
-    path = folder / f"{name}_w8a8{'_glue' if glue else ''}{'_matmul' if matmul else ''}.pt"
-    save_quantized(model, path, name, result.spec, {"method": "minmax", "calib_seconds": result.calib_seconds})
+    path = folder / f"{name}_w{w_bits}a8{'_glue' if glue else ''}{'_matmul' if matmul else ''}.pt"
+    result.save(path)
     return path
 
 
@@ -89,9 +91,11 @@ def run_speed(names: list[str], args: argparse.Namespace, folder: Path) -> None:
             if not has_hooks(name, prefix):
                 continue
             start = time.perf_counter()
-            path = quantize_w8a8(name, args.assets, folder, prefix == "speed-glue", prefix == "speed-matmul")
+            path = quantize_w7a8(name, args.assets, folder, prefix == "speed-glue", prefix == "speed-matmul")
             try:
-                report = api.bench_speed(path, args.size, args.threads, args.runs, args.assets)
+                report = api.bench_speed(
+                    path, args.size, args.threads, args.runs, args.assets, allow_inexact=prefix in INEXACT
+                )
             except SrquantError as err:  # recorded: what the export cannot do yet is part of the result
                 update_json(OUT, f"{prefix}|{name}", {"error": str(err)})
                 print(f"{name:<10} not exported: {err}", flush=True)
@@ -122,7 +126,7 @@ def run_sizes(names: list[str], assets: str, folder: Path) -> None:
                 result = quantize_model(model, get_entry(name).layout, "minmax", spec, calib)
                 key = f"w{bits}{'_full' if full else ''}"
                 path = folder / f"{name}_{key}.pt"
-                cell[f"{key}_bytes"] = save_quantized(model, path, name, result.spec, {"method": "minmax"})
+                cell[f"{key}_bytes"] = result.save(path)
                 cell[f"{key}_layers"] = result.report.summary()
         update_json(OUT, f"sizes|{name}", cell)
         print(name, {k: v for k, v in cell.items() if k.endswith("bytes")}, flush=True)
@@ -158,11 +162,12 @@ def run_profile(names: list[str], args: argparse.Namespace, folder: Path) -> Non
             if not has_hooks(name, prefix):
                 continue
             glue = prefix == "speed-glue"
-            recipe = quantize_w8a8(name, args.assets, folder, glue, prefix == "speed-matmul")
-            model, _, _ = api.load_quantized_model(recipe)
+            recipe = quantize_w7a8(name, args.assets, folder, glue, prefix == "speed-matmul")
+            model = api.load_quantized(recipe, "cpu")
             fixed = int(getattr(model, "pad_multiple", 1)) != 1
             try:
-                export_onnx(model, folder / f"{name}_int.onnx", None, args.size if fixed else None)
+                size = args.size if fixed else None
+                export_onnx(model, folder / f"{name}_int.onnx", None, size, allow_inexact=prefix in INEXACT)
             except SrquantError as err:
                 print(f"{name}: no profile, not exported: {err}", flush=True)
                 continue
@@ -219,19 +224,22 @@ def table() -> str:
     lines.append(
         "Parts can be run alone with `--only speed,sizes,profile,pt2e`; this file was written from the stored "
         "cells (`--table-only`). Timings were taken on the otherwise idle machine, every setting once per round, in "
-        "a fresh process that imports onnxruntime and numpy only (the IMDN PT2E probe runs in this process). Recipes: "
-        "`layers only` quantizes the convs and linear layers (`--output-bits 8 --no-matmul`); `+ attention matmuls` "
-        "also their operands (transformers); `+ integer glue` also quantizes the tensors between "
-        "them that the architecture marks (`--glue-bits 8`; IMDN, PAN and CARN-M), so onnxruntime stays in uint8 "
-        "between its kernels. In the integer graph a DequantizeLinear is moved past the ReLU / DepthToSpace / Split / "
-        "nearest Resize op it feeds (exact; those run on uint8): `ops moved to uint8`. Layout rewrites (exact, "
-        "docs/deploy.md) run wide grouped convs as one conv per group and pixel shuffles channels-last; the FP32 "
+        "a fresh process that imports onnxruntime and numpy only (the IMDN PT2E probe runs in this process). Recipes, "
+        "all MinMax at W7A8 with head and tail (`--deploy onnxruntime`: symmetric per-channel 7-bit weights, whose "
+        "int8 codes stay within +-63 so onnxruntime's u8 x s8 kernels never saturate, simulated 8-bit outputs): "
+        "`layers only` quantizes the convs and linear layers alone (`--no-matmul`, no glue; exported with "
+        "`--allow-inexact`); `+ attention matmuls` also their operands (transformers); `+ integer glue` also "
+        "quantizes the tensors between them that the architecture marks (`--glue-bits 8`; IMDN, PAN and CARN-M), so "
+        "onnxruntime stays in uint8 between its kernels. In the integer graph a DequantizeLinear is moved past the "
+        "ReLU / DepthToSpace / Split / nearest Resize op it feeds (exact; those run on uint8): `ops moved to uint8`. "
+        "Layout rewrites (exact, docs/deploy.md) run wide grouped convs as one conv per group and pixel shuffles "
+        "channels-last; the FP32 "
         "settings are the graph as exported (`fp32`) and the same graph with those rewrites (`fp32-layout16`, "
         "`fp32-layout32`: groups of at least 16 or 32 outputs split), each at onnxruntime's `extended` and `all` "
         "levels, and the fastest of them is the baseline.\n"
     )
     lines += [
-        "## W8A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
+        "## W7A8 integer vs the fastest FP32 setting (same runtime, LR 256x256, x4)",
         "",
         "| network | recipe | FP32 ms (setting) | int8 ms (setting) | speed-up | peak MB int / fp32 | "
         "Set5 fake-quant | Set5 integer | difference dB | integer convs | glue tensors | ops moved to uint8 | "
