@@ -21,7 +21,7 @@ from torch import nn
 from srquant.assets import asset_dir
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.calibration import CropSampler
-from srquant.data.io import read_image, to_tensor, to_uint8, write_image
+from srquant.data.io import image_size, read_image, to_tensor, to_uint8, write_image, write_png_strips
 from srquant.deploy.onnx_export import ExportReport, export_onnx
 from srquant.deploy.speed import SpeedReport, bench_onnxruntime
 from srquant.errors import SrquantError
@@ -34,8 +34,9 @@ from srquant.methods.pipeline import (
     quantize_model,
 )
 from srquant.methods.registry import get_method, method_names
-from srquant.models.inference import upscale
+from srquant.models.inference import DEFAULT_OVERLAP, check_tiling, upscale, upscale_strips
 from srquant.models.registry import REGISTRY, checkpoint_path, create_model, get_entry
+from srquant.outputs import check_output, check_output_folder
 from srquant.quant.accounting import Cost, layer_bits, model_cost
 from srquant.quant.quantize import GLUE_HOOK_SUFFIX
 from srquant.quant.spec import QuantSpec
@@ -141,6 +142,8 @@ def quantize(
     plugin = get_method(method)
     root = asset_dir(assets)
     folder = calibration_folder(calib, assets)
+    if output is not None:
+        output = check_output(output, "checkpoint", [weights], root)
     network = None
     fields: dict[str, Any] = {
         "full": full,
@@ -273,6 +276,7 @@ def evaluate_model(
     progress: bool = False,
     record_bits: bool = False,
     bitmap_dir: str | Path | None = None,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> ModelEvaluation:
     """`srquant eval`: a zoo model or quantized checkpoint on benchmark sets, with its size and BitOPs.
 
@@ -282,6 +286,8 @@ def evaluate_model(
     """
     for name in datasets:
         BenchmarkSet.from_assets(name, assets)  # every set is located before the model is loaded
+    if bitmap_dir is not None:
+        bitmap_dir = check_output_folder(bitmap_dir, [reference, weights], _asset_root(assets))
     opened = open_model(reference, scale, assets, weights, download, device)
     model = opened.model
     recorder = getattr(model, "image_record", None)
@@ -302,7 +308,7 @@ def evaluate_model(
                 write_image(Path(bitmap_dir) / dataset / f"{name}.png", painter(lr))  # type: ignore[misc]
             return measure(name, lr) if measure is not None else {}
 
-        results += evaluate(model, [dataset], scale, conventions, assets, tile, progress, per_image)
+        results += evaluate(model, [dataset], scale, conventions, assets, tile, progress, per_image, overlap)
     cost = model_cost(opened.network, scale)
     description, fixed = _describe(opened)
     for result in results:
@@ -311,10 +317,50 @@ def evaluate_model(
     return ModelEvaluation(opened.label, description, cost, results, bits)
 
 
-def upscale_image(model: nn.Module, image: np.ndarray | str | Path, tile: int | None = None) -> np.ndarray:
-    """Super-resolve an HxWx3 uint8 image (or an image file) to an (sH)x(sW)x3 uint8 image."""
-    lr = read_image(image) if isinstance(image, str | Path) else image
-    return to_uint8(upscale(model, to_tensor(lr).to(model_device(model)), tile=tile))
+def image_tensor(image: np.ndarray, value_range: float | None = None) -> torch.Tensor:
+    """An HxWx3 array as a 1x3xHxW float tensor in [0, 1]: uint8, or float in [0, 1] with `value_range=1.0`;
+    anything else is refused in one line (a float or 16-bit array would otherwise come out black or wrong)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise SrquantError(f"expected an HxWx3 RGB array, got {shape}")
+    if image.dtype == np.uint8:
+        if value_range not in (None, 255, 255.0):
+            raise SrquantError(f"a uint8 image has values in [0, 255], not [0, {value_range}]")
+        return to_tensor(image)
+    if np.issubdtype(image.dtype, np.floating) and value_range == 1.0:
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise SrquantError("a float image with value_range=1.0 must hold finite values in [0, 1]")
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    if np.issubdtype(image.dtype, np.floating):
+        raise SrquantError(f"a {image.dtype} image needs value_range=1.0 (values in [0, 1]); or pass uint8")
+    raise SrquantError(f"expected a uint8 (or float in [0, 1]) image, got {image.dtype}")
+
+
+def _finite(sr: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(sr).all()):
+        raise SrquantError(f"the model produced NaN/inf values on {what}")
+    return sr
+
+
+def upscale_image(
+    model: nn.Module,
+    image: np.ndarray | str | Path,
+    tile: int | None = None,
+    value_range: float | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+) -> np.ndarray:
+    """Super-resolve an HxWx3 image (uint8, or float in [0, 1] with `value_range=1.0`) or an image file to an
+    (sH)x(sW)x3 uint8 image."""
+    lr = image_tensor(read_image(image) if isinstance(image, str | Path) else image, value_range)
+    what = str(image) if isinstance(image, str | Path) else "the image"
+    return to_uint8(_finite(upscale(model, lr.to(model_device(model)), tile, overlap), what))
+
+
+def _asset_root(assets: str | Path | None) -> Path | None:
+    try:
+        return asset_dir(assets)
+    except SrquantError:
+        return None
 
 
 def upscale_file(
@@ -327,23 +373,43 @@ def upscale_file(
     weights: str | Path | None = None,
     download: bool = False,
     device: str | torch.device = "auto",
+    overlap: int = DEFAULT_OVERLAP,
 ) -> Path:
-    """Read an image file, super-resolve it with a model (or a zoo name / checkpoint at `scale`), write it."""
+    """Read an image file, super-resolve it with a model (or a zoo name / checkpoint at `scale`), write it.
+
+    Every input and output is checked before the model is loaded. With `tile`, the output is assembled strip by
+    strip, and a PNG is written as the strips come, so memory grows with the tile, not the image.
+    """
+    references = [str(model)] if not isinstance(model, nn.Module) and is_checkpoint_reference(model) else []
+    dst = check_output(dst, "image", [src, weights, *references], _asset_root(assets))
+    check_tiling(tile, overlap)
+    width, height = image_size(src)
+    image = read_image(src)
     if not isinstance(model, nn.Module):
         if scale is None:
             raise SrquantError("upscaling by a model name or checkpoint needs the scale")
         model = open_model(model, scale, assets, weights, download, device).model
-    image = read_image(src)
-    write_image(dst, upscale_image(model, image, tile))
-    return Path(dst)
+    scale = int(model.scale)
+    if tile is None or (height <= tile and width <= tile):
+        write_image(dst, upscale_image(model, image, tile, overlap=overlap))
+        return dst
+    lr = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)  # uint8: float per tile
+    strips = (to_uint8(_finite(strip, str(src))) for _, strip in upscale_strips(model, lr, tile, overlap))
+    if dst.suffix.lower() == ".png":
+        write_png_strips(dst, height * scale, width * scale, strips)
+    else:
+        write_image(dst, np.concatenate(list(strips), axis=0))
+    return dst
 
 
 def write_lr_set(dataset: str, scale: int, out: str | Path, assets: str | Path | None = None) -> list[Path]:
-    """Write the bicubic LR images of a benchmark as `<name>x<s>.png` (the benchmarks' own file names)."""
+    """Write the bicubic LR images of a benchmark as `<name>x<s>.png` (the benchmarks' own file names) into a
+    folder outside the asset folder (checked before anything is written)."""
     bench = BenchmarkSet.from_assets(dataset, assets)
+    folder = check_output_folder(out, [bench.hr_dir], _asset_root(assets))
     written = []
     for pair in bench.iter_pairs(scale):
-        path = Path(out) / f"{pair.name}x{scale}.png"
+        path = folder / f"{pair.name}x{scale}.png"
         write_image(path, pair.lr)
         written.append(path)
     return written
@@ -387,6 +453,7 @@ def export_quantized(
     allow_inexact: bool = False,
 ) -> ExportReport:
     """`srquant export`: a fixed-bit A8 checkpoint as an integer QDQ ONNX graph for onnxruntime (CPU)."""
+    out = check_output(out, "onnx", [path], _asset_root(assets))
     model = _fixed_bit_model(path)
     return export_onnx(
         model, out, calibration_inputs(int(model.scale), calib, assets), size, allow_inexact=allow_inexact

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from srquant.errors import SrquantError
+from srquant.outputs import atomic_write
 
 ASSETS_ENV = "SRQUANT_ASSETS"
 CACHE_ENV = "SRQUANT_CACHE"
@@ -66,18 +66,15 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) ->
 
     A failed or mismatching download leaves no file at `dest`, so a later run never sees a partial file.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             while block := response.read(1 << 20):
                 out.write(block)
         if sha256 is not None and (actual := sha256_of(tmp)) != sha256:
             raise SrquantError(f"download of {url} has sha256 {actual[:16]}..., expected {sha256[:16]}...")
-        os.replace(tmp, dest)
+
+    try:
+        return atomic_write(dest, fetch)
     except OSError as err:
         raise SrquantError(f"could not download {url}: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest

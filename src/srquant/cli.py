@@ -14,6 +14,8 @@ from srquant.deploy.speed import parse_size
 from srquant.errors import SrquantError
 from srquant.evaluate import DatasetResult
 from srquant.methods.registry import method_names, preset_names
+from srquant.models.inference import DEFAULT_OVERLAP, check_tiling
+from srquant.outputs import atomic_write_text, check_output
 from srquant.runtime import tune_allocator
 
 
@@ -50,7 +52,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=_positive_int, required=True, help="upscaling factor")
     parser.add_argument("--weights", help="load this checkpoint instead of the registry's (strictly)")
     parser.add_argument("--download", action="store_true", help="fetch a missing checkpoint (sha256-verified)")
-    parser.add_argument("--tile", type=_positive_int, help="tiled inference with this LR tile size")
+    parser.add_argument("--tile", type=_positive_int, help="tiled inference with this LR tile size (at least 32)")
+    parser.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        help=f"LR pixels two neighbouring tiles share (default {DEFAULT_OVERLAP}); --tile must be at least twice it",
+    )
     _add_device_arg(parser)
 
 
@@ -191,7 +199,21 @@ def format_table(results: Sequence[DatasetResult]) -> str:
     return "\n".join(lines)
 
 
+def _json_output(path: Path | None, args: argparse.Namespace, *inputs: object) -> None:
+    """Check a --json / --bits-json output before any work."""
+    if path is not None:
+        check_output(path, "json", [i for i in inputs if isinstance(i, str | Path)], api._asset_root(args.assets))
+
+
+def _write_json(path: Path, record: object) -> None:
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _json_output(args.json, args, args.model, args.weights)
+    _json_output(args.bits_json, args, args.model, args.weights)
+    check_tiling(args.tile, args.tile_overlap)
     evaluation = api.evaluate_model(
         args.model,
         args.scale,
@@ -205,15 +227,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         not args.no_progress,
         record_bits=args.bits_json is not None,
         bitmap_dir=args.bitmap_dir,
+        overlap=args.tile_overlap,
     )
     print(f"{evaluation.label} x{args.scale}: {evaluation.description}, {evaluation.cost.size_mb:.3f} MB")
     print(format_table(evaluation.results))
     if args.bitmap_dir:
         print(f"wrote bit maps under {args.bitmap_dir}")
     if args.bits_json:
-        args.bits_json.parent.mkdir(parents=True, exist_ok=True)
-        args.bits_json.write_text(json.dumps(evaluation.bits, indent=1) + "\n")
-        print(f"wrote {args.bits_json}")
+        _write_json(args.bits_json, evaluation.bits)
     if args.json:
         record = {
             "model": args.model,
@@ -221,9 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "convention": ",".join(args.convention),
             "results": [r.summary() for r in evaluation.results],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        _write_json(args.json, record)
     return 0
 
 
@@ -282,6 +301,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
+    _json_output(args.json, args, args.model)
     dataset = None if args.psnr_dataset.lower() == "none" else args.psnr_dataset
     result = api.bench_speed(
         args.model, args.size, args.threads, args.runs, args.assets, args.calib, dataset, args.allow_inexact
@@ -319,6 +339,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         args.weights,
         args.download,
         args.device,
+        args.tile_overlap,
     )
     print(f"wrote {args.output}")
     return 0
@@ -354,10 +375,23 @@ COMMANDS = {
 }
 
 
+def _notes_to_stderr(verbose: bool) -> None:
+    """srquant's log records go to this run's stderr as `note: ...` lines (warnings; with -v, info too)."""
+    logger = logging.getLogger("srquant")
+    for handler in [h for h in logger.handlers if getattr(h, "srquant_notes", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    handler.srquant_notes = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `srquant` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="note: %(message)s")
+    _notes_to_stderr(args.verbose)
     tune_allocator()
     try:
         return COMMANDS[args.command](args)

@@ -16,7 +16,7 @@ from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import to_tensor, to_uint8
 from srquant.errors import SrquantError
 from srquant.metrics.psnr_ssim import get_convention, psnr_y, ssim_y
-from srquant.models.inference import upscale
+from srquant.models.inference import DEFAULT_OVERLAP, upscale
 from srquant.runtime import release_memory
 
 
@@ -80,6 +80,7 @@ def evaluate_dataset(
     tile: int | None = None,
     progress: bool = True,
     per_image: PerImage | None = None,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> list[DatasetResult]:
     """Run the model once on every LR image of a set; score it under each named convention.
 
@@ -102,7 +103,10 @@ def evaluate_dataset(
     bar = tqdm(pairs, total=len(dataset), desc=f"{dataset.name} x{scale}", disable=not progress, leave=False)
     for pair in bar:
         lr = to_tensor(pair.lr).to(device)
-        sr = to_uint8(upscale(model, lr, tile=tile))
+        output = upscale(model, lr, tile, overlap)
+        if not bool(torch.isfinite(output).all()):
+            raise SrquantError(f"the model produced NaN/inf values on {dataset.name}/{pair.name}")
+        sr = to_uint8(output)
         for key, value in (per_image(pair.name, lr) if per_image else {}).items():
             measured.setdefault(key, []).append(value)
         for name in conventions:
@@ -136,7 +140,8 @@ def evaluate(
     tile: int | None = None,
     progress: bool = True,
     per_image: PerImage | None = None,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> list[DatasetResult]:
     """Evaluate on several benchmark sets by name; every set is located before any inference starts."""
     sets = [BenchmarkSet.from_assets(name, assets) for name in datasets]
-    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image)]
+    return [r for s in sets for r in evaluate_dataset(model, s, scale, conventions, tile, progress, per_image, overlap)]

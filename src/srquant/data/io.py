@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from srquant.errors import SrquantError
+from srquant.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 _noted: set[str] = set()
@@ -56,27 +63,85 @@ def _png_bit_depth(path: Path) -> int | None:
     return header[24]
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB; a missing or unreadable file raises a one-line SrquantError."""
-    path = Path(path)
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """An open image; a missing, unreadable or oversized one (a decompression bomb) raises one line."""
     if not path.is_file():
-        raise SrquantError(f"image not found: {path}")
+        raise SrquantError(f"image not found: {path}" if not path.is_dir() else f"{path} is a folder, not an image")
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "RGB" and _png_bit_depth(path) == 16:
-                _note(path, "16-bit RGB image reduced to 8 bits")
-            return _to_rgb8(img, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SrquantError(
+            f"{path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, the most srquant reads from one image "
+            "(a decompression bomb, or an image to split first)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         reason = str(err).splitlines()[0] if str(err) else "corrupt file"
         raise SrquantError(f"cannot read image {path}: {reason}") from None
 
 
-def write_image(path: str | os.PathLike[str], img: np.ndarray) -> None:
-    """Write an HxWx3 uint8 RGB array (PNG unless the suffix says otherwise), creating parent folders."""
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header only."""
+    with _opened(Path(path)) as img:
+        return img.size
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB; a missing or unreadable file raises a one-line SrquantError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
+    with _opened(path) as img:
+        try:
+            img.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            reason = str(err).splitlines()[0] if str(err) else "corrupt file"
+            raise SrquantError(f"cannot read image {path}: {reason}") from None
+        if img.mode == "RGB" and _png_bit_depth(path) == 16:
+            _note(path, "16-bit RGB image reduced to 8 bits")
+        return _to_rgb8(img, path)
+
+
+def write_image(path: str | os.PathLike[str], img: np.ndarray) -> None:
+    """Write an HxWx3 uint8 RGB array atomically (the format follows the suffix), creating parent folders."""
+    picture = Image.fromarray(img)
+    atomic_write(path, picture.save)
+
+
+def write_png_strips(
+    path: str | os.PathLike[str], height: int, width: int, strips: Iterable[np.ndarray], level: int = 6
+) -> None:
+    """Write an RGB PNG from HxWx3 uint8 strips given top to bottom, without holding the whole image: the rows
+    are filtered (Sub) and compressed as they come, and the file is written atomically."""
+
+    def chunk(out: BinaryIO, kind: bytes, data: bytes) -> None:
+        out.write(struct.pack(">I", len(data)) + kind + data)
+        out.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    def write(tmp: Path) -> None:
+        rows = 0
+        with open(tmp, "wb") as out:
+            out.write(b"\x89PNG\r\n\x1a\n")
+            chunk(out, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            packer = zlib.compressobj(level)
+            for strip in strips:
+                if strip.ndim != 3 or strip.shape[1:] != (width, 3) or strip.dtype != np.uint8:
+                    raise SrquantError(f"a PNG strip must be Nx{width}x3 uint8, got {strip.shape} {strip.dtype}")
+                flat = strip.reshape(strip.shape[0], width * 3)
+                filtered = flat.copy()
+                filtered[:, 3:] = flat[:, 3:] - flat[:, :-3]  # PNG filter 1 (Sub), modulo 256
+                lines = np.concatenate([np.ones((flat.shape[0], 1), np.uint8), filtered], axis=1)
+                data = packer.compress(lines.tobytes())
+                if data:
+                    chunk(out, b"IDAT", data)
+                rows += strip.shape[0]
+            chunk(out, b"IDAT", packer.flush())
+            chunk(out, b"IEND", b"")
+        if rows != height:
+            raise SrquantError(f"PNG strips gave {rows} rows, expected {height}")
+
+    atomic_write(path, write)
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:

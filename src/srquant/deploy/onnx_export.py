@@ -47,6 +47,7 @@ from srquant.deploy.layout_rewrites import (
 )
 from srquant.deploy.uint8_rewrites import concat_in_uint8, requantize_in_uint8, sink_dequantize
 from srquant.errors import SrquantError
+from srquant.outputs import atomic_write
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS, fp_mode, quantizers
 from srquant.quant.quantizers import Quantizer, QuantMode
@@ -600,9 +601,7 @@ def export_onnx(
         onnx_model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx_model.producer_name = "srquant"
     onnx.checker.check_model(onnx_model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, path)
+    atomic_write(path, lambda tmp: onnx.save(onnx_model, tmp))
     return report
 
 
@@ -641,7 +640,5 @@ def export_float_onnx(
     data, changed = float_onnx_bytes(model, size), []
     if layout_rewrites:
         data, changed = rewrite_float_graph(data, branch_min_group_outputs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return changed

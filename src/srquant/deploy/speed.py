@@ -24,6 +24,7 @@ from torch import nn
 from srquant.deploy.onnx_export import ExportReport, export_onnx, float_onnx_bytes, rewrite_float_graph
 from srquant.deploy.ort_runtime import OrtUpscaler
 from srquant.errors import SrquantError
+from srquant.outputs import atomic_write_text
 
 FP32_LEVELS = ("extended", "all")  # "all" adds onnxruntime's NCHWc layout transforms; the faster one counts
 INT_LEVELS = ("extended", "all")
@@ -181,10 +182,8 @@ class SpeedReport:
         return record
 
     def write(self, path: str | Path) -> None:
-        """Write the JSON record (parents created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write the JSON record atomically (parents created)."""
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def fp32_graphs(

@@ -24,11 +24,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from srquant.data.calibration import CropSampler
-from srquant.data.io import list_images
+from srquant.data.io import image_size, list_images
 from srquant.errors import SrquantError
 from srquant.models.layout import QuantLayout
 from srquant.quant.quantize import QuantReport, quantize_
@@ -86,15 +85,7 @@ class CalibrationData:
     def fitting_size(self, wanted: int, share: float = 0.5) -> int:
         """`wanted` if at least `share` of the images hold an LR crop of it, else the largest multiple of 8 below it
         that they do (else the largest LR side any image has): large preset crops on small training images."""
-        sides = []
-        for path in list_images(self.folder):
-            try:
-                with Image.open(path) as img:
-                    width, height = img.size
-            except (UnidentifiedImageError, OSError) as err:
-                reason = str(err).splitlines()[0] if str(err) else "corrupt file"
-                raise SrquantError(f"cannot read image {path}: {reason}") from None
-            sides.append(min(width, height) // self.scale)
+        sides = [min(image_size(path)) // self.scale for path in list_images(self.folder)]
         if not sides:
             raise SrquantError(f"calibration folder {self.folder} has no images")
         for size in [wanted, *range((wanted - 1) // 8 * 8, 0, -8)]:

@@ -8,8 +8,6 @@ Nothing here knows any particular method.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData
 from srquant.methods.registry import get_method
 from srquant.models.layout import QuantLayout
-from srquant.models.registry import architecture_record, build_from_record, get_entry
+from srquant.models.registry import architecture_record, build_from_record, check_finite, get_entry
+from srquant.outputs import atomic_write
 from srquant.quant.checkpoint import FORMAT, network_state, read_record, restore_network
 from srquant.quant.quantize import QuantReport
 from srquant.quant.spec import QuantSpec
@@ -125,16 +124,7 @@ def save_quantized(
         "method_state": _to_cpu(dict(state)) if state is not None else None,
         "meta": dict(meta),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(record, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = atomic_write(path, lambda tmp: torch.save(record, tmp))
     return path.stat().st_size
 
 
@@ -183,6 +173,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     plugin.rebuild(network, layout, spec, state)
     restore_network(network, record["network"], str(path))
     model = plugin.inference_model(network.eval(), _to_device(state, device))
+    check_finite(model, str(path))
     return LoadedCheckpoint(model.eval(), network, record)
 
 

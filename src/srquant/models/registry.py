@@ -8,6 +8,7 @@ directory (sha256-verified; downloaded into the cache on request). Every checkpo
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,15 +420,53 @@ def build_from_record(record: Mapping[str, Any]) -> nn.Module:
     return build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def load_torch_file(path: str | Path, map_location: torch.device | str = "cpu") -> Any:
+    """`torch.load` with `weights_only=True` (nothing in the file can run code), with srquant's own one-line
+    error for a missing, empty, truncated or foreign file, or one that holds more than tensors and containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise SrquantError(f"checkpoint not found: {path}" if not path.is_dir() else f"{path} is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise SrquantError(f"{path} is empty (0 bytes): not a checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notes from the weights-only unpickler
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # the weights-only unpickler met a class or function to import
+            raise SrquantError(
+                f"{path} holds objects other than tensors and plain containers; srquant does not load such files, "
+                "since loading them could run code"
+            ) from None
+        raise SrquantError(f"{path} is not a PyTorch checkpoint") from None
+    except Exception:  # noqa: BLE001 - every other failure is one of the two cases below
+        with open(path, "rb") as handle:
+            zipped = handle.read(4) == ZIP_MAGIC
+        reason = "is truncated or corrupt" if zipped else "is not a PyTorch checkpoint"
+        raise SrquantError(f"{path} {reason}") from None
+
+
+def first_non_finite(module: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf, or None."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite(module: nn.Module, origin: str) -> None:
+    """Refuse a network with NaN/inf weights, naming the first bad tensor."""
+    bad = first_non_finite(module)
+    if bad is not None:
+        raise SrquantError(f"{origin}: tensor {bad} holds NaN/inf values")
+
+
 def read_state_dict(path: Path, state_key: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict with `weights_only=True`; a file that is not a checkpoint raises one line."""
-    if not path.is_file():
-        raise SrquantError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SrquantError(f"{path} is not a loadable weights-only checkpoint: {first[:200]}") from err
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise SrquantError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     if str(obj.get("format", "")).startswith("srquant-quantized"):
@@ -502,10 +541,12 @@ def create_model(
     if weights is not None:
         path = Path(weights)
         load_state_strict(model, read_state_dict(path), str(path))
+        check_finite(model, str(path))
     elif pretrained:
         if tiny:
             raise SrquantError("tiny variants have no pretrained weights")
         path = checkpoint_path(entry, scale, assets, allow_download)
         ckpt = entry.checkpoint(scale)
         load_state_strict(model, read_state_dict(path, ckpt.state_key if ckpt else None), str(path))
+        check_finite(model, str(path))
     return model.eval()

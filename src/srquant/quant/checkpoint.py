@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from srquant.errors import SrquantError
-from srquant.models.registry import load_state_strict
+from srquant.models.registry import load_state_strict, load_torch_file
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import quantizers
 from srquant.quant.quantizers import QuantMode
@@ -109,13 +109,7 @@ def restore_network(model: nn.Module, saved: Mapping[str, Any], origin: str) -> 
 def read_record(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a quantized checkpoint (weights_only) onto a device; one line for a missing, foreign or old file."""
     path = Path(path)
-    if not path.is_file():
-        raise SrquantError(f"quantized checkpoint not found: {path}")
-    try:
-        record = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - reported as one line below
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise SrquantError(f"{path} is not a loadable checkpoint: {first}") from None
+    record = load_torch_file(path, device)
     if not isinstance(record, dict) or not str(record.get("format", "")).startswith("srquant-quantized"):
         raise SrquantError(
             f"{path} is a float checkpoint, not an srquant quantized one; evaluate it with --model NAME --weights"
