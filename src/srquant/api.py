@@ -34,8 +34,23 @@ from srquant.methods.pipeline import (
     quantize_model,
 )
 from srquant.methods.registry import get_method, method_names
+from srquant.models import user
+from srquant.models.infer_layout import InferredLayout, infer_layout
 from srquant.models.inference import DEFAULT_OVERLAP, check_tiling, upscale, upscale_strips
-from srquant.models.registry import REGISTRY, checkpoint_path, create_model, get_entry
+from srquant.models.layout import QuantLayout
+from srquant.models.registry import (
+    REGISTRY,
+    architecture_record,
+    check_finite,
+    checkpoint_path,
+    create_model,
+    get_entry,
+    layout_of,
+    layout_to_record,
+    load_state_strict,
+    read_state_dict,
+)
+from srquant.models.user import parse_arch
 from srquant.outputs import check_output, check_output_folder
 from srquant.quant.accounting import Cost, layer_bits, model_cost
 from srquant.quant.quantize import GLUE_HOOK_SUFFIX
@@ -108,9 +123,64 @@ def calibration_folder(calib: str | Path | None, assets: str | Path | None) -> P
     return folder
 
 
+def float_network(
+    model: str | nn.Module | None,
+    scale: int | None,
+    assets: str | Path | None = None,
+    weights: str | Path | None = None,
+    download: bool = False,
+    device: str | torch.device = "cpu",
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_range: float = 1.0,
+) -> nn.Module:
+    """A float network to quantize or run: a zoo name, the user's `nn.Module`, or `arch` = `FILE.py:ClassName`
+    built with `arch_kwargs`; `weights` are loaded strictly (a `params` / `params_ema` / `state_dict` / `model`
+    sub-dict is found by itself). The network is in eval mode on `device`."""
+    target = resolve_device(device)
+    if arch is None and isinstance(model, str):
+        return load_model(model, _required(scale), assets, weights, download, target)
+    if arch is not None:
+        if model is not None:
+            raise SrquantError("give a zoo model (--model NAME) or your own network (--arch FILE.py:Class), not both")
+        network = user.network_from_file(arch, _required(scale), arch_kwargs, input_range)
+    elif isinstance(model, nn.Module):
+        network = model
+        if getattr(network, user.ARCH_ATTRIBUTE, None) is None:
+            network = user.adopt(network, _required(scale or getattr(network, "scale", None)), arch_kwargs, input_range)
+    else:
+        raise SrquantError("a network is needed: a zoo name, an nn.Module, or an architecture file")
+    if weights is not None:
+        load_state_strict(network, read_state_dict(Path(weights)), str(weights))
+        check_finite(network, str(weights))
+    return network.to(target).eval()
+
+
+def _required(scale: int | None) -> int:
+    if scale is None:
+        raise SrquantError("the upscaling factor is needed (--scale S / scale=)")
+    return int(scale)
+
+
+def network_layout(network: nn.Module, layout: QuantLayout | None = None) -> tuple[QuantLayout, InferredLayout | None]:
+    """The layout to quantize a network with: the one given, its zoo entry's, or one inferred from its graph
+    (then recorded with the network, so its checkpoint reloads with the same layers)."""
+    record = architecture_record(network)
+    if layout is None and record.get("kind") == "zoo":
+        return layout_of(network), None
+    inferred = None
+    if layout is None:
+        inferred = infer_layout(network)
+        layout = inferred.layout
+        if not getattr(network, "stage_names", ()):
+            network.stage_names = tuple(inferred.stages)
+    record["layout"] = layout_to_record(layout)
+    return layout, inferred
+
+
 def quantize(
-    model: str,
-    scale: int,
+    model: str | nn.Module | None,
+    scale: int | None,
     method: str,
     w_bits: int,
     a_bits: int,
@@ -128,23 +198,34 @@ def quantize(
     output: str | Path | None = None,
     progress: bool = False,
     deploy: str | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_range: float = 1.0,
+    layout: QuantLayout | None = None,
+    layers: tuple[str, ...] | None = None,
+    keep_fp: tuple[str, ...] = (),
     **overrides: Any,
 ) -> QuantizationResult:
-    """Load a zoo model and quantize it by a registered `method` (minmax, percentile, dobi, 2dquant, adabm,
-    granular-dq, ...) with the `preset` schedule; write the checkpoint to `output` when given.
+    """Quantize a network by a registered `method` (minmax, percentile, dobi, 2dquant, adabm, granular-dq, ...)
+    with the `preset` schedule; write the checkpoint to `output` when given.
 
-    Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a benchmark set.
-    `weight_granularity` None takes the preset's choice (the papers' presets: per tensor; srquant's: per
-    channel). `overrides` replace fields of the method's config (e.g. iterations, batch_size, seed).
-    `deploy="onnxruntime"` sets the recipe whose integer graph computes exactly what the model computes and runs
-    in uint8 between its kernels (`DEPLOY_RECIPES`); it needs a8 and a fixed-bit method.
+    The network is a zoo name, your own `nn.Module` (RGB in [0, 1] in and out; `input_range=255` for one trained
+    on [0, 255]), or `arch="FILE.py:ClassName"` with `arch_kwargs` and `weights`. Without a `layout` srquant infers
+    one for a network outside the zoo (`result.inferred`); `layers` (the body) and `keep_fp` override it by
+    name patterns. Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a
+    benchmark set. `weight_granularity` None takes the preset's choice (the papers' presets: per tensor;
+    srquant's: per channel). `overrides` replace fields of the method's config (e.g. iterations, batch_size,
+    seed). `deploy="onnxruntime"` sets the recipe whose integer graph computes exactly what the model computes
+    and runs in uint8 between its kernels; it needs a8 and a fixed-bit method.
     """
     plugin = get_method(method)
     root = asset_dir(assets)
     folder = calibration_folder(calib, assets)
     if output is not None:
-        output = check_output(output, "checkpoint", [weights], root)
-    network = None
+        sources = [weights, parse_arch(arch)[0] if arch else None]
+        output = check_output(output, "checkpoint", sources, root)
+    plugin.config(preset, overrides)  # a bad preset or override fails before the network is loaded
+    network = float_network(model, scale, assets, weights, False, device, arch, arch_kwargs, input_range)
     fields: dict[str, Any] = {
         "full": full,
         "weight_quantizer": weight_quantizer,
@@ -152,21 +233,20 @@ def quantize(
         "output_bits": output_bits,
         "glue_bits": glue_bits,
         "matmul": matmul,
+        "layers": tuple(layers) if layers else None,
+        "keep_fp": tuple(keep_fp),
     }
     if deploy is not None:
         if plugin.dynamic:
             raise SrquantError(f"--deploy needs a fixed-bit method: {method}'s bits change per image or patch")
-        network = load_model(model, scale, assets, weights, device=device)
         w_bits, fields = deploy_recipe(deploy, network, w_bits, a_bits, fields)
     try:
         spec = QuantSpec(w_bits, a_bits, **fields)
     except ValueError as err:
         raise SrquantError(str(err)) from None
-    plugin.config(preset, overrides)  # a bad preset or override fails before the network is loaded
-    network = network if network is not None else load_model(model, scale, assets, weights, device=device)
-    result = quantize_model(
-        network, get_entry(model).layout, method, spec, folder, preset, root / "datasets", progress, **overrides
-    )
+    chosen, inferred = network_layout(network, layout)
+    result = quantize_model(network, chosen, method, spec, folder, preset, root / "datasets", progress, **overrides)
+    result.inferred = inferred
     if output is not None:
         result.save(output)
     return result
@@ -221,24 +301,28 @@ def is_checkpoint_reference(reference: str | Path) -> bool:
 
 
 def open_model(
-    reference: str | Path,
+    reference: str | Path | None,
     scale: int,
     assets: str | Path | None = None,
     weights: str | Path | None = None,
     download: bool = False,
     device: str | torch.device = "auto",
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_range: float = 1.0,
 ) -> OpenedModel:
-    """A zoo model by name, or a quantized checkpoint file (it must be a x`scale` model)."""
+    """A zoo model by name, a quantized checkpoint file (it must be a x`scale` model), or your own network
+    (`arch` = `FILE.py:ClassName` with `arch_kwargs` and `weights`)."""
     target = resolve_device(device)
-    if is_checkpoint_reference(reference):
+    if arch is None and reference is not None and is_checkpoint_reference(reference):
         if weights:
             raise SrquantError("--weights applies to zoo models, not to a quantized checkpoint")
         loaded = load_checkpoint(reference, target)
         if loaded.scale != scale:
             raise SrquantError(f"{reference} is a x{loaded.scale} model, but x{scale} was asked for")
         return OpenedModel(loaded.model, loaded.network, loaded.label(reference), loaded)
-    model = load_model(str(reference), scale, assets, weights, download, target)
-    return OpenedModel(model, model, str(reference))
+    model = float_network(reference, scale, assets, weights, download, target, arch, arch_kwargs, input_range)
+    return OpenedModel(model, model, str(reference if reference is not None else arch))
 
 
 @dataclass
@@ -277,6 +361,9 @@ def evaluate_model(
     record_bits: bool = False,
     bitmap_dir: str | Path | None = None,
     overlap: int = DEFAULT_OVERLAP,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_range: float = 1.0,
 ) -> ModelEvaluation:
     """`srquant eval`: a zoo model or quantized checkpoint on benchmark sets, with its size and BitOPs.
 
@@ -288,7 +375,7 @@ def evaluate_model(
         BenchmarkSet.from_assets(name, assets)  # every set is located before the model is loaded
     if bitmap_dir is not None:
         bitmap_dir = check_output_folder(bitmap_dir, [reference, weights], _asset_root(assets))
-    opened = open_model(reference, scale, assets, weights, download, device)
+    opened = open_model(reference, scale, assets, weights, download, device, arch, arch_kwargs, input_range)
     model = opened.model
     recorder = getattr(model, "image_record", None)
     painter = getattr(model, "bit_map", None)
@@ -364,7 +451,7 @@ def _asset_root(assets: str | Path | None) -> Path | None:
 
 
 def upscale_file(
-    model: nn.Module | str | Path,
+    model: nn.Module | str | Path | None,
     src: str | Path,
     dst: str | Path,
     scale: int | None = None,
@@ -374,13 +461,17 @@ def upscale_file(
     download: bool = False,
     device: str | torch.device = "auto",
     overlap: int = DEFAULT_OVERLAP,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_range: float = 1.0,
 ) -> Path:
-    """Read an image file, super-resolve it with a model (or a zoo name / checkpoint at `scale`), write it.
+    """Read an image file, super-resolve it with a model (or a zoo name / checkpoint / `arch` at `scale`), write it.
 
     Every input and output is checked before the model is loaded. With `tile`, the output is assembled strip by
     strip, and a PNG is written as the strips come, so memory grows with the tile, not the image.
     """
-    references = [str(model)] if not isinstance(model, nn.Module) and is_checkpoint_reference(model) else []
+    references = [str(model)] if isinstance(model, str | Path) and is_checkpoint_reference(model) else []
+    references += [parse_arch(arch)[0]] if arch else []
     dst = check_output(dst, "image", [src, weights, *references], _asset_root(assets))
     check_tiling(tile, overlap)
     width, height = image_size(src)
@@ -388,7 +479,7 @@ def upscale_file(
     if not isinstance(model, nn.Module):
         if scale is None:
             raise SrquantError("upscaling by a model name or checkpoint needs the scale")
-        model = open_model(model, scale, assets, weights, download, device).model
+        model = open_model(model, scale, assets, weights, download, device, arch, arch_kwargs, input_range).model
     scale = int(model.scale)
     if tile is None or (height <= tile and width <= tile):
         write_image(dst, upscale_image(model, image, tile, overlap=overlap))

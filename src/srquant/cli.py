@@ -47,8 +47,33 @@ def _add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"channels\": 32}}', got {text!r}")
+    return value
+
+
+def _input_range(text: str) -> float:
+    if text not in ("1", "255"):
+        raise argparse.ArgumentTypeError("expected 1 ([0, 1] inputs) or 255 ([0, 255] inputs)")
+    return float(text)
+
+
+def _add_arch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", help="your own network instead of --model: FILE.py:ClassName (with --weights)")
+    parser.add_argument("--arch-kwargs", type=_json_object, help="JSON keyword arguments for --arch's class")
+    parser.add_argument(
+        "--input-range", type=_input_range, default=1.0, help="255 for a network trained on [0, 255] inputs"
+    )
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="zoo model name (see `srquant models`) or a quantized .pt")
+    parser.add_argument("--model", help="zoo model name (see `srquant models`) or a quantized .pt")
+    _add_arch_args(parser)
     parser.add_argument("--scale", type=_positive_int, required=True, help="upscaling factor")
     parser.add_argument("--weights", help="load this checkpoint instead of the registry's (strictly)")
     parser.add_argument("--download", action="store_true", help="fetch a missing checkpoint (sha256-verified)")
@@ -103,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assets_arg(up)
 
     qz = sub.add_parser("quantize", help="quantize a zoo model and write a quantized checkpoint")
-    qz.add_argument("--model", required=True, help="zoo model name")
+    qz.add_argument("--model", help="zoo model name (or --arch for your own network)")
+    _add_arch_args(qz)
+    qz.add_argument("--layers", type=_comma_list, help="regular expressions of the layers to quantize (the body)")
+    qz.add_argument("--keep-fp", type=_comma_list, help="regular expressions of layers to leave in floating point")
     qz.add_argument("--scale", type=_positive_int, required=True)
     qz.add_argument("--method", required=True, choices=method_names(), help="see `srquant methods`")
     qz.add_argument("--wbits", type=_positive_int, required=True)
@@ -210,7 +238,14 @@ def _write_json(path: Path, record: object) -> None:
     print(f"wrote {path}")
 
 
+def _one_network(args: argparse.Namespace) -> None:
+    """Exactly one of --model and --arch."""
+    if (args.model is None) == (args.arch is None):
+        raise SrquantError("name the network: --model NAME (or a quantized .pt), or --arch FILE.py:ClassName")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _one_network(args)
     _json_output(args.json, args, args.model, args.weights)
     _json_output(args.bits_json, args, args.model, args.weights)
     check_tiling(args.tile, args.tile_overlap)
@@ -228,6 +263,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         record_bits=args.bits_json is not None,
         bitmap_dir=args.bitmap_dir,
         overlap=args.tile_overlap,
+        arch=args.arch,
+        arch_kwargs=args.arch_kwargs,
+        input_range=args.input_range,
     )
     print(f"{evaluation.label} x{args.scale}: {evaluation.description}, {evaluation.cost.size_mb:.3f} MB")
     print(format_table(evaluation.results))
@@ -247,6 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    _one_network(args)
     overrides = {
         "percentile": args.percentile,
         "iterations": args.iterations,
@@ -273,13 +312,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         output=args.output,
         progress=not args.no_progress,
         deploy=args.deploy,
+        arch=args.arch,
+        arch_kwargs=args.arch_kwargs,
+        input_range=args.input_range,
+        layers=args.layers,
+        keep_fp=args.keep_fp or (),
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    if result.inferred is not None:
+        print("layout inferred from the network's graph (override with --layers / --keep-fp):")
+        print(result.inferred.describe())
     for note in result.rollbacks:
         print(f"divergence guard: {note}")
     spec = result.spec
     print(
-        f"{args.model} x{args.scale} {result.method} W{spec.w_bits}A{spec.a_bits} "
+        f"{args.model or args.arch} x{args.scale} {result.method} W{spec.w_bits}A{spec.a_bits} "
         f"(weights per {spec.weight_granularity}): {result.report.summary()}"
     )
     size = Path(args.output).stat().st_size
@@ -329,6 +376,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    _one_network(args)
     api.upscale_file(
         args.model,
         args.input,
@@ -340,6 +388,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         args.download,
         args.device,
         args.tile_overlap,
+        args.arch,
+        args.arch_kwargs,
+        args.input_range,
     )
     print(f"wrote {args.output}")
     return 0

@@ -20,7 +20,7 @@ from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData
 from srquant.methods.registry import get_method
 from srquant.models.layout import QuantLayout
-from srquant.models.registry import architecture_record, build_from_record, check_finite, get_entry
+from srquant.models.registry import architecture_record, build_from_record, check_finite, layout_of
 from srquant.outputs import atomic_write
 from srquant.quant.checkpoint import FORMAT, network_state, read_record, restore_network
 from srquant.quant.quantize import QuantReport
@@ -47,6 +47,7 @@ class QuantizationResult:
     rollbacks: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     calib_folder: str = ""
+    inferred: Any = None  # the layout srquant inferred for a network outside the zoo (InferredLayout), if any
 
     def meta(self) -> dict[str, Any]:
         """What the checkpoint records about the run."""
@@ -159,7 +160,8 @@ class LoadedCheckpoint:
 
     def label(self, path: str | Path) -> str:
         """`<network> (<file>, <method>)` for printouts."""
-        return f"{self.record['arch'].get('name', '?')} ({Path(path).name}, {self.method})"
+        arch = self.record["arch"]
+        return f"{arch.get('name') or arch.get('class', '?')} ({Path(path).name}, {self.method})"
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
@@ -167,7 +169,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     record = read_record(path, "cpu")
     plugin = get_method(str(record["method"]))
     network = build_from_record(record["arch"]).to(device).eval()
-    layout = get_entry(str(record["arch"]["name"])).layout
+    layout = layout_of(network)
     spec = QuantSpec.from_dict(record["spec"])
     state = record.get("method_state")
     plugin.rebuild(network, layout, spec, state)

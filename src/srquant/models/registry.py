@@ -7,10 +7,11 @@ directory (sha256-verified; downloaded into the cache on request). Every checkpo
 
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from torch import nn
 
 from srquant.assets import asset_dir, download, user_cache_dir, verify_sha256
 from srquant.errors import SrquantError
-from srquant.models import carn, edsr, eswt, imdn, lmlt, pan, rdn, srresnet, swinir
+from srquant.models import carn, edsr, eswt, imdn, lmlt, pan, rdn, srresnet, swinir, user
 from srquant.models.layout import QuantLayout
+from srquant.models.user import ARCH_ATTRIBUTE
 
 Reference = Mapping[str, tuple[float, float]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -386,9 +389,6 @@ def get_entry(name: str) -> ModelEntry:
     return REGISTRY[key]
 
 
-ARCH_ATTRIBUTE = "srquant_arch"  # set on every network the zoo builds: how to build it again
-
-
 def build_model(name: str, scale: int, tiny: bool = False, **overrides: Any) -> nn.Module:
     """Build an architecture with random weights (full size or its tiny test variant).
 
@@ -406,21 +406,46 @@ def build_model(name: str, scale: int, tiny: bool = False, **overrides: Any) -> 
 
 
 def architecture_record(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild a network: the record `build_model` attached; one line for a network without one."""
+    """How to rebuild a network: the record `build_model` or `models.user` attached; one line without one."""
     record = getattr(model, ARCH_ATTRIBUTE, None)
     if not isinstance(record, dict):
-        raise SrquantError(f"{type(model).__name__} carries no architecture record: build it with srquant's zoo")
+        raise SrquantError(
+            f"{type(model).__name__} carries no architecture record: build it with srquant's zoo, or give it to "
+            "srquant.quantize (which records its file and class)"
+        )
     return record
 
 
 def build_from_record(record: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a network (random weights) from its architecture record."""
-    if record.get("kind") != "zoo":
-        raise SrquantError(f"unknown architecture record kind {record.get('kind')!r}")
-    return build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
+    """Rebuild a network (random weights) from its architecture record: a zoo entry or a user's file."""
+    if record.get("kind") == "zoo":
+        return build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
+    if record.get("kind") == "file":
+        return user.rebuild(record)
+    raise SrquantError(f"unknown architecture record kind {record.get('kind')!r}")
+
+
+def layout_to_record(layout: QuantLayout) -> dict[str, Any]:
+    """A layout as plain lists (for an architecture record)."""
+    return {key: [list(v) if isinstance(v, tuple) else v for v in value] for key, value in asdict(layout).items()}
+
+
+def layout_of(model: nn.Module) -> QuantLayout:
+    """The quantization layout of a network: the one recorded with it (an inferred or a given one), else its zoo
+    entry's."""
+    record = architecture_record(model)
+    stored = record.get("layout")
+    if stored is None and record.get("kind") == "zoo":
+        return get_entry(str(record["name"])).layout
+    if stored is None:
+        raise SrquantError(f"{type(model).__name__} has no recorded layout: quantize it through srquant.quantize")
+    return QuantLayout(
+        **{k: tuple(tuple(v) if isinstance(v, list) else v for v in values) for k, values in stored.items()}
+    )
 
 
 ZIP_MAGIC = b"PK\x03\x04"
+STATE_KEYS = ("params_ema", "params", "state_dict", "model")  # where training frameworks put the weights
 
 
 def load_torch_file(path: str | Path, map_location: torch.device | str = "cpu") -> Any:
@@ -473,8 +498,11 @@ def read_state_dict(path: Path, state_key: str | None = None) -> dict[str, torch
         raise SrquantError(f"{path} is an srquant quantized checkpoint, not float weights; pass it as --model FILE")
     if state_key is not None and state_key in obj and isinstance(obj[state_key], dict):
         obj = obj[state_key]
-    elif state_key is None and "params" in obj and isinstance(obj["params"], dict):
-        obj = obj["params"]
+    elif state_key is None:
+        inner = next((k for k in STATE_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is not None:
+            log.info("%s: using its %r weights", path.name, inner)
+            obj = obj[inner]
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
