@@ -25,6 +25,8 @@ SMALL = {  # each method's schedule cut to a few steps
     "percentile": {"calib_count": 4, "calib_size": 16, "calib_batch": 2},
     "dobi": {"calib_count": 4, "calib_size": 16, "calib_batch": 2},
     "2dquant": {"calib_count": 4, "calib_size": 16, "calib_batch": 2, "crop": 16, "iterations": 3, "batch_size": 2},
+    "recon": {"calib_count": 4, "calib_size": 16, "calib_batch": 2, "iterations": 3, "batch_size": 2},
+    "dbdc-pac": {"calib_batches": 2, "calib_batch": 2, "calib_size": 16, "iterations": 3, "crop": 16},
     "adabm": {"epochs": 3, "iterations": 2, "crop": 16, "calib_count": 4, "calib_batch": 2, "guard_seed_batches": 2},
     "granular-dq": {
         "iterations": 3,

@@ -95,14 +95,16 @@ def run_dqc(
     draw_batch: Callable[[int], torch.Tensor],
     config: TwoDQuantConfig,
     progress: bool = False,
+    params: list[nn.Parameter] | None = None,
 ) -> DQCReport:
     """Train the bounds of a calibrated quantized model by distillation from its own FP mode.
 
-    `draw_batch(n)` returns n LR crops. The divergence guard restores the last sound bounds and halves the
-    learning rate on a NaN/inf loss or a loss above `blowup_factor` times the recent median.
+    `draw_batch(n)` returns n LR crops; `params` are the bounds to train (default: every quantizer's). The
+    divergence guard restores the last sound bounds and halves the learning rate on a NaN/inf loss or a loss above
+    `blowup_factor` times the recent median.
     """
     report = DQCReport()
-    params = bound_parameters(model)
+    params = params if params is not None else bound_parameters(model)
     if not params:
         raise SrquantError("DQC needs a quantized model with learnable bounds")
     stages = tuple(getattr(model, "stage_names", ()))

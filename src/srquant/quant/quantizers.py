@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -131,6 +131,8 @@ class Quantizer(nn.Module):
         self.mode = QuantMode.FP
         self.calibrator: Calibrator | None = None
         self.bits_override: torch.Tensor | None = None
+        self.rounding: nn.Module | None = None  # learned rounding of a weight (quant/rounding.py)
+        self.drop: Callable[[torch.Tensor], torch.Tensor] | None = None  # QDrop's mask of elements kept float
 
     def bits_for(self, x: torch.Tensor | None = None) -> int | torch.Tensor:
         """The fixed bit-width, or the per-sample bits a dynamic method set (`bits_override`, shape (B,)) shaped to
@@ -154,7 +156,12 @@ class Quantizer(nn.Module):
             if self.calibrator is not None:
                 self.calibrator.collect(x.detach())
             return x
-        return self.quantize(x)
+        if self.rounding is not None:  # a weight with learned rounding: soft codes in training, hard ones after
+            return self.rounding(soft=torch.is_grad_enabled())
+        out = self.quantize(x)
+        if self.drop is not None and torch.is_grad_enabled():
+            out = torch.where(self.drop(x), x, out)
+        return out
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize: each kind's gradient rule when autograd records, the grid's own rounding otherwise."""

@@ -1,0 +1,147 @@
+"""Block reconstruction (learned rounding, QDrop) and PTQ4SR's DBDC+Pac on tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from srquant.methods.dbdc_pac import DBDC_PAC_PRESETS, _phase
+from srquant.methods.pipeline import load_quantized, save_quantized
+from srquant.methods.ptq import calibrate
+from srquant.methods.recon import ReconConfig, blocks_of, run_recon
+from srquant.models.registry import REGISTRY, build_model
+from srquant.quant.calibrators import DensityClipCalibrator, is_weight_quantizer
+from srquant.quant.quantize import fp_mode, quantize_, quantizers
+from srquant.quant.quantizers import AsymmetricQuantizer, QuantMode
+from srquant.quant.rounding import DropMask, LearnedRounding, annealed_beta, attach_rounding, fold_rounding
+from srquant.quant.spec import QuantSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ReconConfig(iterations=40, batch_size=4, calib_count=16, calib_size=16, calib_batch=8)
+
+
+def _smooth(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, size // 4, size // 4, generator=gen)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").clamp(0, 1)
+
+
+def _quantized(name: str = "imdn", bits: int = 3, **spec: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, 2, tiny=True).eval()
+    quantize_(model, QuantSpec(bits, bits, **spec), REGISTRY[name].layout)
+    calibrate(model, list(_smooth(16).split(8)), "dobi")
+    return model
+
+
+def _error(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = model(x)
+        with fp_mode(model):
+            ref = model(x)
+    return float((out - ref).pow(2).mean())
+
+
+def test_learned_rounding_starts_at_nearest_and_folds_onto_the_grid() -> None:
+    q = AsymmetricQuantizer(3, rows=4)
+    w = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(0))
+    q.set_range(w.reshape(4, -1).amin(1), w.reshape(4, -1).amax(1))
+    q.mode = QuantMode.QUANT
+    rounding = LearnedRounding(q, w)
+    with torch.no_grad():
+        assert torch.allclose(rounding(soft=False), q(w), atol=1e-6)  # hard codes start as round-to-nearest
+    assert rounding.regularizer(20.0) > rounding.regularizer(2.0) >= 0
+    assert annealed_beta(0, 100) == 20.0 and annealed_beta(100, 100) == pytest.approx(2.0)
+    assert annealed_beta(19, 100) == 20.0 and 2.0 < annealed_beta(60, 100) < 20.0
+
+
+def test_fold_writes_grid_values_and_detaches() -> None:
+    model = _quantized()
+    layer = model.get_submodule("IMDB1.c1")
+    rounding = attach_rounding(layer)
+    with torch.no_grad():
+        rounding.offset.copy_(torch.randn(rounding.offset.shape, generator=torch.Generator().manual_seed(1)))
+        learned = rounding(soft=False)
+    fold_rounding(layer)
+    assert layer.weight_quantizer.rounding is None
+    with torch.no_grad():
+        assert torch.equal(layer.weight, learned)
+        assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)  # grid values map to themselves
+
+
+def test_drop_masks_keep_the_asked_share_and_are_seeded() -> None:
+    x = torch.zeros(4, 8, 16, 16)
+    first = DropMask(0.3, torch.Generator().manual_seed(0))(x)
+    again = DropMask(0.3, torch.Generator().manual_seed(0))(x)
+    assert first.shape == x.shape and torch.equal(first, again)
+    assert abs(first.float().mean().item() - 0.3) < 0.03
+
+
+def test_blocks_are_the_stages_then_the_layers_outside_them_in_execution_order() -> None:
+    model = _quantized(full=True)
+    blocks = blocks_of(model, torch.rand(1, 3, 8, 8))
+    assert blocks[0] == "fea_conv" and blocks[1:3] == ["IMDB1", "IMDB2"]
+    assert blocks[-1] == "upsampler.0"
+
+
+@pytest.mark.parametrize("name", ["imdn", "swinir-light"])
+def test_reconstruction_lowers_the_output_error_and_reloads_bit_identically(name: str, tmp_path: Path) -> None:
+    model = _quantized(name)
+    held_out = _smooth(4, seed=9)
+    before = _error(model, held_out)
+    notes = run_recon(model, list(_smooth(16).split(8)), SMALL)
+    assert not notes
+    assert _error(model, held_out) < before
+    weights = [q for n, q in quantizers(model) if is_weight_quantizer(n)]
+    assert all(q.rounding is None for q in weights)  # folded
+    path = tmp_path / "q.pt"
+    save_quantized(model, path, "recon", QuantSpec(3, 3), {})
+    again = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(model(held_out), again(held_out))
+
+
+def test_learned_rounding_moves_some_codes_off_nearest() -> None:
+    model = _quantized()
+    layer = model.get_submodule("IMDB1.c1")
+    with torch.no_grad():
+        nearest = layer.weight_quantizer(layer.weight).clone()
+    run_recon(model, list(_smooth(16).split(8)), dataclasses.replace(SMALL, iterations=80, lr_rounding=0.1))
+    assert not torch.equal(layer.weight, nearest)
+
+
+def test_density_clipping_trims_the_sparse_tail_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bulk = torch.rand(200_000, generator=gen)  # [0, 1)
+    x = torch.cat([bulk, torch.full((10,), 40.0)])  # 10 far outliers above: 5e-5 of the values
+    cal = DensityClipCalibrator("t", AsymmetricQuantizer(4))
+    cal.collect(x)
+    low, high = cal.compute()
+    assert float(low) == pytest.approx(0.0, abs=0.01) and float(high) < 1.05
+    weight = DensityClipCalibrator("w", AsymmetricQuantizer(4, rows=2), static=True)
+    weight.collect(torch.tensor([[0.0, 5.0, 1.0], [-2.0, 0.0, 1.0]]))
+    assert weight.compute()[1].tolist() == [5.0, 1.0]  # weights keep their per-channel min/max
+
+
+def test_pac_trains_the_bounds_only_and_stays_sound() -> None:
+    model = _quantized(bits=4)
+    state = {k: v.clone() for k, v in model.state_dict().items() if "quantizer" not in k}
+    gen = torch.Generator().manual_seed(3)
+    config = dataclasses.replace(DBDC_PAC_PRESETS["cpu"], iterations=10)
+    acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
+    notes = _phase(
+        model,
+        acts,
+        lambda n: _smooth(n, seed=int(torch.randint(99, (1,), generator=gen))),
+        config,
+        config.lr_act,
+        config.lr_act_end,
+        "acts",
+        False,
+    )
+    assert not notes
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # network weights untouched
