@@ -24,8 +24,9 @@ from srquant.quant.accounting import model_cost
 SCALE = 4
 DATASETS = ["Set5", "Set14", "B100", "Urban100"]
 NETWORKS = ("imdn", "pan", "carn-m", "eswt", "lmlt-tiny")
+METHODS = ("minmax", "percentile", "dbdc-pac", "dobi", "2dquant", "recon")  # the expected order, worst first
 PLANS = {
-    # Issue 14: does per-channel weight quantization help? Both granularities, the papers' methods, W4A4 and W8A8.
+    # Does per-channel weight quantization help? Both granularities, the papers' methods, W4A4 and W8A8.
     "granularity": [
         (name, bits, method, gran)
         for name in NETWORKS
@@ -33,6 +34,14 @@ PLANS = {
         for method in ("dobi", "2dquant")
         for gran in ("tensor", "channel")
     ],
+    # Every fixed-bit method at 4, 3 and 2 bits, per-channel weights (2DQuant's Table 3 and srquant's recon).
+    "methods": [(name, bits, method, "channel") for bits in (4, 2, 3) for name in NETWORKS for method in METHODS],
+}
+# 2DQuant Table 3, SwinIR-light x4, Set5 drop from FP (32.45 dB): the published order, for scale.
+PAPER_SET5_DROP = {
+    4: {"minmax": -3.82, "percentile": -1.81, "dbdc-pac": -1.71, "dobi": -1.35, "2dquant": -0.68},
+    3: {"minmax": -13.04, "percentile": -4.90, "dbdc-pac": -4.54, "dobi": -2.86, "2dquant": -1.55},
+    2: {"minmax": -8.49, "percentile": -9.42, "dbdc-pac": -7.44, "dobi": -3.63, "2dquant": -2.92},
 }
 STORE = RESULTS / "ptq.json"
 
@@ -92,7 +101,9 @@ def main() -> None:
         cell = run_cell(name, bits, method, gran, args.preset, args.assets)
         update_json(STORE, key, cell)
         print(f"{key:<40} Set5 {cell['scores']['Set5']['psnr']:.2f}  calib {cell['calib_seconds']:.0f}s", flush=True)
-    write_granularity_table(load_json(STORE), args.preset)
+    done = load_json(STORE)
+    write_granularity_table(done, args.preset)
+    write_methods_table(done, args.preset)
 
 
 def _scores(cell: dict, fp: dict) -> str:
@@ -102,6 +113,60 @@ def _scores(cell: dict, fp: dict) -> str:
         got = cell["scores"][d]
         parts.append(f"{got['psnr']:.2f}/{got['ssim']:.4f} ({got['psnr'] - fp[d]['psnr']:+.2f})")
     return " | ".join(parts)
+
+
+def ordering_report(done: dict, preset: str) -> list[str]:
+    """Where the expected PSNR order (METHODS, worst first) fails, per network, bit-width and dataset."""
+    lines = [f"## Ordering check (PSNR, {' < '.join(METHODS)})", ""]
+    for bits in (4, 3, 2):
+        for name in NETWORKS:
+            cells = [done.get(cell_key(name, bits, m, "channel", preset)) for m in METHODS]
+            if any(c is None for c in cells):
+                continue
+            broken = []
+            for d in DATASETS:
+                values = [c["scores"][d]["psnr"] for c in cells]  # type: ignore[index]
+                for i in range(len(METHODS) - 1):
+                    if not values[i] < values[i + 1]:
+                        broken.append(f"{d}: {METHODS[i]} {values[i]:.2f} >= {METHODS[i + 1]} {values[i + 1]:.2f}")
+            verdict = "holds on all four sets" if not broken else "fails on " + "; ".join(broken)
+            lines.append(f"- {name} W{bits}A{bits}: {verdict}")
+    return lines
+
+
+def write_methods_table(done: dict, preset: str) -> None:
+    """docs/results/ptq_cpu.md: every fixed-bit method at W4A4, W3A3 and W2A2 with per-channel weights."""
+    command = f"python benchmarks/ptq_table.py --assets ../shared/assets --plan methods --preset {preset}"
+    lines = [header(f"Fixed-bit PTQ methods, x4, BasicSR convention, preset `{preset}`", command), ""]
+    lines.append(
+        "Per-channel weights for every method. Drop = PSNR - FP PSNR. Calibration seconds include loading the "
+        "calibration images; each cell's torch threads and machine are in docs/results/ptq.json (`machine`), and "
+        "cells that ran beside another job are upper bounds (docs/quantization.md gives idle timings). Size: "
+        "parameter storage in decimal MB. The last column is 2DQuant's Table 3 Set5 drop for the same method on "
+        "SwinIR-light x4, for scale.\n"
+    )
+    cols = " | ".join(f"{d} PSNR/SSIM (drop)" for d in DATASETS)
+    lines.append(f"| network | bits | method | {cols} | calib s | size MB | published Set5 drop |")
+    lines.append("|---" * (6 + len(DATASETS)) + "|")
+    for name in NETWORKS:
+        fp = done.get(f"{name}|fp")
+        if not fp:
+            continue
+        fp_cells = " | ".join(f"{fp[d]['psnr']:.2f}/{fp[d]['ssim']:.4f}" for d in DATASETS)
+        lines.append(f"| {name} | FP | - | {fp_cells} | - | - | - |")
+        for bits in (4, 3, 2):
+            for method in METHODS:
+                cell = done.get(cell_key(name, bits, method, "channel", preset))
+                if cell is None:
+                    continue
+                paper = PAPER_SET5_DROP[bits].get(method)
+                published = f"{paper:+.2f}" if paper is not None else "-"
+                lines.append(
+                    f"| {name} | W{bits}A{bits} | {method} | {_scores(cell, fp)} | {cell['calib_seconds']:.0f} | "
+                    f"{cell['size_mb']:.3f} | {published} |"
+                )
+    lines += ["", *ordering_report(done, preset)]
+    (RESULTS / f"ptq_{preset}.md").write_text("\n".join(lines) + "\n")
 
 
 def write_granularity_table(done: dict, preset: str) -> None:

@@ -129,6 +129,9 @@ def test_replacing_an_earlier_output_is_said_in_one_line(capsys, tmp_path: Path,
     image, out = _png(tmp_path / "a.png"), tmp_path / "out.png"
     argv = ["upscale", str(image), "-o", str(out), "--model", "pan", "--scale", "2", "--weights", str(pan_weights)]
     assert main(argv) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # written atomically, with the usual permissions
     capsys.readouterr()
     assert main(argv) == 0
     assert f"note: replacing {out}" in capsys.readouterr().err
@@ -187,6 +190,20 @@ def test_bad_output_paths_are_one_line_before_any_work(
         assert sorted(p.name for p in folder.iterdir()) == [] and sorted(locked.iterdir()) == []  # no .tmp left
     finally:
         os.chmod(locked, 0o755)
+
+
+def test_json_outputs_must_differ(capsys, tmp_path: Path, quantized: Path, fake_assets: Path) -> None:
+    same = str(tmp_path / "r.json")
+    argv = ["eval", "--model", str(quantized), "--scale", "2", "--datasets", "Set5", "--assets", str(fake_assets)]
+    assert "same file" in _fails(capsys, argv + ["--json", same, "--bits-json", same], quantized)
+
+
+def test_an_incomplete_checkpoint_is_one_line(capsys, tmp_path: Path) -> None:
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": "srquant-quantized/2", "method": "minmax"}, partial)
+    assert "not a complete srquant checkpoint" in _fails(
+        capsys, ["export", "--model", str(partial), "-o", str(tmp_path / "o.onnx")], partial
+    )
 
 
 def test_a_folder_output_that_is_a_file_is_refused(capsys, tmp_path: Path, fake_assets: Path) -> None:

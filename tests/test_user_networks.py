@@ -215,3 +215,24 @@ def test_bad_user_networks_are_one_line(tmp_path: Path, arch, assets: Path) -> N
         api.float_network(None, 2, arch="no-colon")
     with pytest.raises(SrquantError, match="unexpected keyword argument"):
         api.float_network(None, 2, arch=spec, arch_kwargs={"width": 8})
+
+
+def test_a_zoo_network_quantized_with_another_layout_reloads(assets: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    from srquant.models.registry import build_model
+
+    network = build_model("imdn", 2, tiny=True).eval()
+    inferred = infer_layout(network)
+    result = srquant.quantize(network, 2, "minmax", 8, 8, assets=assets, device="cpu", layout=inferred.layout, **SMALL)
+    result.save(tmp_path / "q.pt")
+    again = srquant.load_quantized(tmp_path / "q.pt")
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(result.model(x), again(x))
+
+
+def test_a_failed_adoption_leaves_the_module_as_it_was() -> None:
+    model = ByteRangeSR()
+    with pytest.raises(SrquantError, match="upscales x2"):
+        api.float_network(model, 3, input_range=255)
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-quantizer",
         choices=("asymmetric", "symmetric"),
         default="asymmetric",
-        help="weight grid of the fixed-bit methods (symmetric weights export to int8 exactly; default asymmetric)",
+        help="weight grid of the fixed-bit methods (symmetric weights export to int8 exactly; default asymmetric); "
+        "AdaBM always uses symmetric weights and Granular-DQ LSQ ones",
     )
     qz.add_argument(
         "--weight-granularity",
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument(
         "--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch; Granular-DQ)"
     )
-    qz.add_argument("--batch-size", type=_positive_int, help="override the preset's DQC batch size")
+    qz.add_argument("--batch-size", type=_positive_int, help="override the method's training batch size")
     qz.add_argument("--seed", type=int, help="override the preset's data seed")
     qz.add_argument("--weights", help="start from this float checkpoint instead of the registry's")
     qz.add_argument("--no-progress", action="store_true")
@@ -246,6 +247,8 @@ def _one_network(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _one_network(args)
+    if args.json is not None and args.bits_json is not None and args.json.resolve() == args.bits_json.resolve():
+        raise SrquantError("--json and --bits-json name the same file; give two")
     _json_output(args.json, args, args.model, args.weights)
     _json_output(args.bits_json, args, args.model, args.weights)
     check_tiling(args.tile, args.tile_overlap)

@@ -104,6 +104,12 @@ def check_output_folder(
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Create `path` by `write(temporary path)` in the same folder, then rename; nothing is left on failure.
 
@@ -114,6 +120,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(handle)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)

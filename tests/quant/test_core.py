@@ -269,3 +269,14 @@ def test_weight_granularity_sets_grids_per_channel_or_per_fused_slice(granularit
 def test_spec_refuses_an_unknown_granularity() -> None:
     with pytest.raises(ValueError, match="weight_granularity must be one of"):
         QuantSpec(4, 4, weight_granularity="group")
+
+
+def test_one_bit_symmetric_weights_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        QuantSpec(1, 4, weight_quantizer="symmetric")
+
+
+def test_an_unsigned_lsq_grid_takes_its_step_from_the_upper_end() -> None:
+    q = LSQQuantizer(8, signed=False)
+    q.set_range(-0.17, 5.0)  # a negative lower end cannot be represented and must not coarsen the step
+    assert float(q.grid().scale) == pytest.approx(5.0 / 255)

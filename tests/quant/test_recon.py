@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from srquant.methods.dbdc_pac import DBDC_PAC_PRESETS, _phase
+from srquant.methods.dbdc_pac import DBDC_PAC_PRESETS, pac_schedule
 from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.methods.ptq import calibrate
 from srquant.methods.recon import ReconConfig, blocks_of, run_recon
+from srquant.methods.twodquant import run_dqc
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.calibrators import DensityClipCalibrator, is_weight_quantizer
 from srquant.quant.quantize import fp_mode, quantize_, quantizers
@@ -132,16 +133,14 @@ def test_pac_trains_the_bounds_only_and_stays_sound() -> None:
     gen = torch.Generator().manual_seed(3)
     config = dataclasses.replace(DBDC_PAC_PRESETS["cpu"], iterations=10)
     acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
-    notes = _phase(
+    before = [p.detach().clone() for p in acts]
+    report = run_dqc(
         model,
-        acts,
         lambda n: _smooth(n, seed=int(torch.randint(99, (1,), generator=gen))),
-        config,
-        config.lr_act,
-        config.lr_act_end,
-        "acts",
-        False,
+        pac_schedule(config, config.lr_act, config.lr_act_end),
+        params=acts,
     )
-    assert not notes
+    assert not report.rollbacks and len(report.losses) == 10
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())  # network weights untouched
+    assert any(not torch.equal(a, b) for a, b in zip(acts, before, strict=True))  # the activation bounds moved

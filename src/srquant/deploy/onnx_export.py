@@ -48,6 +48,7 @@ from srquant.deploy.layout_rewrites import (
 from srquant.deploy.uint8_rewrites import concat_in_uint8, requantize_in_uint8, sink_dequantize
 from srquant.errors import SrquantError
 from srquant.outputs import atomic_write
+from srquant.quant.grid import symmetric_grid
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import GLUE_HOOK_SUFFIX, MATMUL_HOOKS, fp_mode, quantizers
 from srquant.quant.quantizers import Quantizer, QuantMode
@@ -127,10 +128,10 @@ def _weight_grid(name: str, module: nn.Conv2d | nn.Linear) -> tuple[np.ndarray, 
         return codes.to(torch.int8).cpu().numpy(), scale.float().cpu().numpy(), True, int(codes.abs().max())
     with torch.no_grad():
         values = grid.fake(module.weight.detach()).double().cpu()
-    peak = values.reshape(out, -1).abs().amax(dim=1).clamp_min(1e-12)
-    scales = (peak / 127.0).numpy()
-    codes = torch.round(values / torch.from_numpy(scales).view(-1, *([1] * (values.dim() - 1))))
-    return codes.clamp(-127, 127).to(torch.int8).numpy(), scales.astype(np.float32), False, int(codes.abs().max())
+    regrid = symmetric_grid(values.reshape(out, -1).abs().amax(dim=1, keepdim=True), 8, rows=out)
+    codes = regrid.to_codes(values)
+    scales = regrid.scale.reshape(-1).float().numpy()
+    return codes.to(torch.int8).numpy(), scales, False, int(codes.abs().max())
 
 
 def conv_params(model: nn.Module) -> dict[str, ConvQuantParams]:

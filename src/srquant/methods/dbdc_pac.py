@@ -2,9 +2,9 @@
 PTQ4SR), the baseline of 2DQuant's Table 3.
 
 1. `quantize_`; weights asymmetric per output channel (the released configs' `per_channel: true`).
-2. DBDC, density-based dual clipping (`DensityClipCalibrator`): each activation's per-batch histogram is trimmed
-   from its sparser end until at most a share of 1e-4 (1e-5 at 8 bits) of the values is cut; the kept ranges are
-   averaged over the calibration batches. Weights keep their per-channel min/max.
+2. DBDC, density-based dual clipping (`DensityClipCalibrator`): whole end bins of each activation's per-batch
+   histogram are cut, the sparser end first, until no more than a share 1 - 1e-4 (1 - 1e-5 at 8 bits) of the
+   values is kept; the kept ranges are averaged over the calibration batches. Weights keep their per-channel min/max.
 3. Pac, pixel-aware calibration against the FP network on LR crops: first the activation bounds (Adam, learning
    rate 5e-3 cosine-annealed to 2e-3), then the weight bounds (5e-6 to 2e-6), each for `iterations` steps of
    batch 2, with the L1 distance between the quantized and the float network's outputs.
@@ -16,27 +16,24 @@ Departures, written down because the paper's own text could not be read here (do
   every other method in srquant's tables; the released configs keep the first and last convs at W8A8;
 - a kept range runs from the left edge of its first kept histogram bin (the code adds one bin on that side too);
 - the bounds' gradients are not rescaled (the code scales them LSQ-style, which Adam normalises away anyway);
-- the divergence guard of every srquant method watches both phases.
+- each phase runs as srquant's distillation loop (`run_dqc` without stage features or augmentation), so the
+  divergence guard of every srquant method watches both.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData, Method, MethodRun
 from srquant.methods.ptq import calibrate
-from srquant.methods.training import DivergenceGuard, frozen_weights
+from srquant.methods.twodquant import TwoDQuantConfig, run_dqc
 from srquant.models.layout import QuantLayout
 from srquant.quant.calibrators import is_weight_quantizer
-from srquant.quant.quantize import fp_mode, quantize_, quantizers
+from srquant.quant.quantize import quantize_, quantizers
 from srquant.quant.spec import QuantSpec
 
 
@@ -75,45 +72,19 @@ DBDC_PAC_PRESETS = {
 }
 
 
-def _phase(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    draw: Callable[[int], torch.Tensor],
-    config: DBDCPacConfig,
-    lr: float,
-    lr_end: float,
-    label: str,
-    progress: bool,
-) -> list[str]:
-    """Adam on `params` for `iterations` steps, cosine from `lr` to `lr_end`, L1 to the float network's output."""
-    if not params or config.iterations == 0:
-        return []
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations, eta_min=lr_end)
-
-    def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), fp_mode(model):
-            target = model(batch)
-        return F.l1_loss(model(batch), target)
-
-    with torch.no_grad():
-        seeds = [float(loss_of(draw(config.batch_size))) for _ in range(4)]
-    guard = DivergenceGuard(params, config.blowup_factor, config.max_rollbacks, seeds)
-    with frozen_weights(model, params):
-        for step in tqdm(range(config.iterations), desc=label, disable=not progress, leave=False):
-            loss = loss_of(draw(config.batch_size))
-            if not guard.admit(float(loss.detach()), f"{label} step {step}", optimizer):
-                if guard.stopped:
-                    break
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            guard.record(float(loss.detach()))
-        with torch.no_grad():
-            guard.final_check(float(loss_of(draw(config.batch_size))))
-    return guard.rollbacks
+def pac_schedule(config: DBDCPacConfig, lr: float, lr_end: float) -> TwoDQuantConfig:
+    """One Pac phase as a distillation schedule: L1 to the float output only, cosine from `lr` to `lr_end`."""
+    return TwoDQuantConfig(
+        iterations=config.iterations,
+        batch_size=config.batch_size,
+        lr=lr,
+        lr_end=lr_end,
+        feature_weight=0.0,
+        augment=False,
+        seed=config.seed,
+        blowup_factor=config.blowup_factor,
+        max_rollbacks=config.max_rollbacks,
+    )
 
 
 class DBDCPac(Method):
@@ -147,7 +118,12 @@ class DBDCPac(Method):
         named = list(quantizers(model))
         acts = [p for n, q in named if not is_weight_quantizer(n) for p in q.parameters()]
         weights = [p for n, q in named if is_weight_quantizer(n) for p in q.parameters()]
-        notes = _phase(model, acts, draw, config, config.lr_act, config.lr_act_end, "Pac activations", progress)
-        notes += _phase(model, weights, draw, config, config.lr_weight, config.lr_weight_end, "Pac weights", progress)
+        notes = []
+        for params, lr, lr_end in (
+            (acts, config.lr_act, config.lr_act_end),
+            (weights, config.lr_weight, config.lr_weight_end),
+        ):
+            if params and config.iterations:
+                notes += run_dqc(model, draw, pac_schedule(config, lr, lr_end), progress, params=params).rollbacks
         settings = {"dbdc_pac": self.settings(config), "calib_size": size}
         return MethodRun(model, report, spec, time.perf_counter() - start, settings, None, notes)

@@ -166,33 +166,38 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
     """Read a quantized checkpoint onto `device`: rebuild the network, the method's quantizers and state."""
+    try:
+        return _load(path, device)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise SrquantError(f"{path} is not a complete srquant checkpoint (cannot read {err})") from None
+
+
+def _load(path: str | Path, device: torch.device | str) -> LoadedCheckpoint:
     record = read_record(path, "cpu")
     plugin = get_method(str(record["method"]))
     network = build_from_record(record["arch"]).to(device).eval()
     layout = layout_of(network)
     spec = QuantSpec.from_dict(record["spec"])
-    state = record.get("method_state")
+    state = _to_device(record.get("method_state"), device)
     plugin.rebuild(network, layout, spec, state)
     restore_network(network, record["network"], str(path))
-    model = plugin.inference_model(network.eval(), _to_device(state, device))
+    model = plugin.inference_model(network.eval(), state)
     check_finite(model, str(path))
     return LoadedCheckpoint(model.eval(), network, record)
 
 
 def _to_device(value: Any, device: torch.device | str) -> Any:
+    """A nested record with every tensor moved to a device."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Mapping):
         return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
     return value
 
 
 def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """The model a quantized checkpoint holds, on `device`, computing exactly what `srquant eval --model PATH`
     evaluates (a dynamic method's bit controller included)."""
-    try:
-        return load_checkpoint(path, device).model
-    except KeyError as err:
-        raise SrquantError(
-            f"{path} lacks the checkpoint field {err}; it is not a complete srquant checkpoint"
-        ) from None
+    return load_checkpoint(path, device).model

@@ -50,7 +50,7 @@ def calibrate(
     percentile: float = 99.99,
     progress: bool = False,
 ) -> list[str]:
-    """Set every quantizer's range by `kind` (minmax, percentile, dobi) from the FP tensors on `batches` and
+    """Set every quantizer's range by `kind` (minmax, percentile, dobi, dbdc) from the FP tensors on `batches` and
     switch quantization on; returns the quantizers no batch reached (they stay FP)."""
     named = list(quantizers(model))
     if not named:

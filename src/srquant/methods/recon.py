@@ -37,14 +37,21 @@ from tqdm import tqdm
 from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData, Method, MethodRun
 from srquant.methods.ptq import calibrate
-from srquant.methods.training import DivergenceGuard
+from srquant.methods.training import DivergenceGuard, frozen_weights
 from srquant.methods.twodquant import TwoDQuantConfig, run_dqc
 from srquant.models.layout import QuantLayout
 from srquant.quant.calibrators import is_weight_quantizer
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import fp_mode, quantize_, quantizers
 from srquant.quant.quantizers import Quantizer, QuantMode
-from srquant.quant.rounding import DropMask, annealed_beta, attach_rounding, fold_rounding, set_drop
+from srquant.quant.rounding import (
+    DropMask,
+    LearnedRounding,
+    annealed_beta,
+    attach_rounding,
+    fold_rounding,
+    set_drop,
+)
 from srquant.quant.spec import QuantSpec
 
 
@@ -208,15 +215,37 @@ def reconstruct_block(
 ) -> list[str]:
     """Learn one block's rounding and activation ranges (see the module docstring); returns the guard's notes."""
     layers, acts = _block_parts(block)
-    roundings = [attach_rounding(m) for m in layers] if config.learn_rounding else []
-    bounds = [p for q in acts for p in q.parameters()]
-    groups = [{"params": [r.offset for r in roundings], "lr": config.lr_rounding}] if roundings else []
-    groups += [{"params": bounds, "lr": config.lr_bounds}] if bounds else []
-    if not groups:
-        return []
+    try:
+        roundings = [attach_rounding(m) for m in layers] if config.learn_rounding else []
+        bounds = [p for q in acts for p in q.parameters()]
+        groups = [{"params": [r.offset for r in roundings], "lr": config.lr_rounding}] if roundings else []
+        groups += [{"params": bounds, "lr": config.lr_bounds}] if bounds else []
+        if not groups:
+            return []
+        trainable = [p for g in groups for p in g["params"]]
+        set_drop(acts, config.drop_prob, generator)
+        with frozen_weights(block, trainable):
+            return _train_block(block, quantized, floating, config, generator, label, progress, roundings, groups)
+    finally:
+        set_drop(acts, 0.0)
+        for m in layers:
+            fold_rounding(m)
+
+
+def _train_block(
+    block: nn.Module,
+    quantized: BlockData,
+    floating: BlockData,
+    config: ReconConfig,
+    generator: torch.Generator,
+    label: str,
+    progress: bool,
+    roundings: list[LearnedRounding],
+    groups: list[dict],
+) -> list[str]:
+    """The optimisation loop of `reconstruct_block`: Adam, cosine schedule, QDrop'd inputs, the guard."""
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.iterations, 1))
-    trainable = [p for g in groups for p in g["params"]]
     inputs_q, inputs_fp, targets = quantized.inputs, floating.inputs, floating.outputs
     count = inputs_q.shape[0]
 
@@ -226,39 +255,27 @@ def reconstruct_block(
     with torch.no_grad():
         starts = range(0, min(count, 4 * config.batch_size), config.batch_size)
         seeds = [float(error(inputs_q[i : i + config.batch_size], targets[i : i + config.batch_size])) for i in starts]
-    guard = DivergenceGuard(trainable, config.blowup_factor, config.max_rollbacks, seeds)
-    set_drop(acts, config.drop_prob, generator)
+    guard = DivergenceGuard([p for g in groups for p in g["params"]], config.blowup_factor, config.max_rollbacks, seeds)
     mix = DropMask(config.drop_prob, generator) if config.drop_prob > 0 else None
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
-    keep = {id(p) for p in trainable}
-    for p, _ in frozen:
-        p.requires_grad_(id(p) in keep)
-    try:
-        for step in tqdm(range(config.iterations), desc=label, disable=not progress, leave=False):
-            pick = torch.randint(count, (config.batch_size,), generator=generator, device=generator.device)
-            batch = inputs_q[pick]
-            if mix is not None:
-                batch = torch.where(mix(batch), inputs_fp[pick], batch)
-            recon = error(batch, targets[pick])
-            loss = recon
-            if roundings and step >= int(config.warmup * config.iterations):  # no rounding term in the warm-up
-                beta = annealed_beta(step, config.iterations, config.beta_start, config.beta_end, config.warmup)
-                loss = loss + config.round_weight * sum(r.regularizer(beta) for r in roundings)
-            if not guard.admit(float(recon.detach()), f"{label} step {step}", optimizer):
-                if guard.stopped:
-                    break
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            guard.record(float(recon.detach()))
-    finally:
-        set_drop(acts, 0.0)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        for m in layers:
-            fold_rounding(m)
+    for step in tqdm(range(config.iterations), desc=label, disable=not progress, leave=False):
+        pick = torch.randint(count, (config.batch_size,), generator=generator, device=generator.device)
+        batch = inputs_q[pick]
+        if mix is not None:
+            batch = torch.where(mix(batch), inputs_fp[pick], batch)
+        recon = error(batch, targets[pick])
+        loss = recon
+        if roundings and step >= int(config.warmup * config.iterations):  # no rounding term in the warm-up
+            beta = annealed_beta(step, config.iterations, config.beta_start, config.beta_end, config.warmup)
+            loss = loss + config.round_weight * sum(r.regularizer(beta) for r in roundings)
+        if not guard.admit(float(recon.detach()), f"{label} step {step}", optimizer):
+            if guard.stopped:
+                break
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        guard.record(float(recon.detach()))
     return guard.rollbacks
 
 

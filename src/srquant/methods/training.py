@@ -1,5 +1,5 @@
-"""The pieces every fine-tuning method shares: augmentation, the distillation loss, frozen weights, and the
-divergence guard that rolls a run back to its last sound state.
+"""The pieces the methods share: grayscale, augmentation, the distillation loss, frozen weights, and the divergence
+guard that rolls a run back to its last sound state.
 
 The FP teacher is always the same network with quantization switched off (`fp_mode`), in eval mode, so no HR
 image is needed and no normalisation statistics move.
@@ -16,6 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from srquant.quant.quantize import fp_mode
+
+GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as kornia's rgb_to_grayscale
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) luma of an RGB batch in [0, 1] (the channel mean for other channel counts): what AdaBM's image
+    complexity and Granular-DQ's patch entropy look at."""
+    if x.shape[1] == 3:
+        return sum(w * x[:, i : i + 1] for i, w in enumerate(GRAY))  # type: ignore[return-value]
+    return x.mean(dim=1, keepdim=True)
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ class TwoDQuantConfig:
     iterations: int = 3000
     batch_size: int = 32
     lr: float = 1e-2
+    lr_end: float = 0.0  # where the cosine schedule ends
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "cosine"
     feature_weight: float = 5.0
@@ -112,7 +113,7 @@ def run_dqc(
     total = max(config.iterations, 1)
     if config.schedule == "cosine":
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=total
+            optimizer, T_max=total, eta_min=config.lr_end
         )
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)

@@ -167,16 +167,16 @@ def infer_layout(model: nn.Module, size: int = 32) -> InferredLayout:
 
     handles = [modules[n].register_forward_pre_hook(before(n)) for n in candidates]
     handles += [modules[n].register_forward_hook(after(n)) for n in candidates]
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         with recorder:
             recorder.remember(x, Node("input", []))
             output = model(x)
-        model.train(was_training)
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported in one line
         raise SrquantError(f"{type(model).__name__} failed on a {side}x{side} input while tracing: {err}") from None
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     ran = [n for n in candidates if n in inputs and n not in never]

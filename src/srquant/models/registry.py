@@ -419,7 +419,10 @@ def architecture_record(model: nn.Module) -> dict[str, Any]:
 def build_from_record(record: Mapping[str, Any]) -> nn.Module:
     """Rebuild a network (random weights) from its architecture record: a zoo entry or a user's file."""
     if record.get("kind") == "zoo":
-        return build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
+        model = build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
+        if "layout" in record:  # quantized with a layout other than the zoo's
+            architecture_record(model)["layout"] = record["layout"]
+        return model
     if record.get("kind") == "file":
         return user.rebuild(record)
     raise SrquantError(f"unknown architecture record kind {record.get('kind')!r}")

@@ -106,10 +106,15 @@ def adopt(
         record = {"kind": "file", "file": str(source), "class": type(model).__qualname__, "sha256": _digest(source)}
     record = {**record, "kwargs": dict(kwargs or {}), "input_range": float(input_range), "scale": int(scale)}
     model.scale = int(scale)
+    handles = []
     if float(input_range) == 255.0:
-        model.register_forward_pre_hook(_scale_input)
-        model.register_forward_hook(_scale_output)
-    _check_scale(model.eval(), int(scale), label)
+        handles = [model.register_forward_pre_hook(_scale_input), model.register_forward_hook(_scale_output)]
+    try:
+        _check_scale(model.eval(), int(scale), label)
+    except SrquantError:
+        for handle in handles:  # the module is left as it was given
+            handle.remove()
+        raise
     setattr(model, ARCH_ATTRIBUTE, record)
     return model
 

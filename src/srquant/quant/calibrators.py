@@ -245,9 +245,10 @@ class DobiCalibrator(RangeCalibrator):
 
 
 class DensityClipCalibrator(RangeCalibrator):
-    """PTQ4SR's density-based dual clipping (DBDC): each batch's activation histogram (2048 bins over its min/max)
-    is trimmed from whichever end bin is sparser until at most a share `tail` of the values is cut, and the kept
-    range's edges are averaged over the batches. Weights (static) keep their plain per-row min/max, as the
+    """PTQ4SR's density-based dual clipping (DBDC): whole end bins of each batch's activation histogram (2048 bins
+    over its min/max) are cut, the sparser end first, until no more than a share 1 - `tail` of the values is
+    kept (so at least `tail` is cut, more when an end bin is dense, as in the released code), and the kept range's
+    edges are averaged over the batches. Weights (static) keep their plain per-row min/max, as the
     released code's per-channel weights do. `tail` defaults to 1e-4, and 1e-5 for 8-bit quantizers (the code's
     effective values)."""
 
@@ -298,7 +299,7 @@ CalibratorFactory = Callable[[str, Quantizer, bool], RangeCalibrator]
 
 
 def calibrator_factory(kind: str, percentile: float = 99.99) -> CalibratorFactory:
-    """`factory(name, quantizer, static)` for a calibration kind: minmax, percentile or dobi."""
+    """`factory(name, quantizer, static)` for a calibration kind: minmax, percentile, dobi or dbdc."""
     if kind == "minmax":
         return MinMaxCalibrator
     if kind == "percentile":

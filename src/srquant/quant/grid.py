@@ -34,12 +34,13 @@ class Grid:
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """The tensor as the grid's parameters see it: (rows, -1) for per-row grids, unchanged otherwise."""
-        return x.reshape(self.rows, -1) if self.rows > 1 else x
+        return rows_view(x, self.rows)
 
     def _limits(self, like: torch.Tensor) -> tuple[IntOrTensor, IntOrTensor]:
         """(qmin, qmax) as clamp takes them: both numbers, or both tensors (per-sample bits)."""
         if isinstance(self.qmin, torch.Tensor) or isinstance(self.qmax, torch.Tensor):
-            return torch.as_tensor(self.qmin, dtype=like.dtype), torch.as_tensor(self.qmax, dtype=like.dtype)
+            kind = {"dtype": like.dtype, "device": like.device}
+            return torch.as_tensor(self.qmin, **kind), torch.as_tensor(self.qmax, **kind)
         return self.qmin, self.qmax
 
     def codes_of(self, values: torch.Tensor) -> torch.Tensor:
@@ -75,13 +76,14 @@ class Grid:
         repeat = channels // scale.numel()
         return scale.repeat_interleave(repeat), zero.repeat_interleave(repeat)
 
-    def is_static(self) -> bool:
-        """True when the grid does not depend on the sample (no per-sample bits)."""
-        return not isinstance(self.bits, torch.Tensor) or self.bits.numel() == 1
-
     def integer_zero_point(self) -> bool:
         """True when every zero point is an integer (what uint8/int8 kernels need)."""
         return bool(torch.equal(self.zero_point, torch.round(self.zero_point)))
+
+
+def rows_view(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x as per-row parameters see it: (rows, -1) when there are several rows, unchanged otherwise."""
+    return x.reshape(rows, -1) if rows > 1 else x
 
 
 def asymmetric_grid(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from srquant.errors import SrquantError
-from srquant.quant.grid import Grid, asymmetric_grid, lsq_grid, lsq_range, symmetric_grid
+from srquant.quant.grid import Grid, asymmetric_grid, lsq_grid, lsq_range, rows_view, symmetric_grid
 
 
 class QuantMode(enum.Enum):
@@ -171,7 +171,7 @@ class Quantizer(nn.Module):
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """x as the parameters see it: (rows, -1) for per-row quantizers."""
-        return x.reshape(self.rows, -1) if self.rows > 1 else x
+        return rows_view(x, self.rows)
 
     def _as_param(self, value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
         """A proposed per-row value as a tensor of a parameter's shape, dtype and device."""
@@ -321,7 +321,9 @@ class LSQQuantizer(Quantizer):
     def _step_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
         qn, qp = lsq_range(bits, self.signed)
         lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
-        return torch.maximum(upper.abs() / qp, lower.abs() / max(-qn, 1)).clamp_min(1e-8)
+        if not self.signed:  # an unsigned grid cannot hold negative values: the upper end alone sets the step
+            return (upper.clamp_min(0) / qp).clamp_min(1e-8)
+        return torch.maximum(upper.abs() / qp, lower.abs() / -qn).clamp_min(1e-8)
 
     def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
         return lsq_grid(self._step_for(lower, upper, bits or self.bits), bits or self.bits, self.signed)
@@ -343,7 +345,7 @@ class LSQQuantizer(Quantizer):
         qn, qp = self.qrange()
         per_step = x.numel() // self.rows
         scale = 1.0 / math.sqrt(per_step * qp)
-        step = self._rows_param(self.step)
+        step = self._rows_param(self.step).abs().clamp_min(1e-8)  # the grid's step (`lsq_grid`), with gradient
         step = step * scale + (step - step * scale).detach()  # value: step; gradient: scaled
         return (round_ste(torch.clamp(self.view(x) / step, qn, qp)) * step).reshape(x.shape)
 

@@ -89,7 +89,8 @@ class DropMask:
         if self.pool.numel() < 2 * count:
             draws = torch.rand(4 * count, generator=self.generator, device=self.generator.device)
             self.pool = (draws < self.probability).to(x.device)
-        start = int(torch.randint(self.pool.numel() - count + 1, (1,), generator=self.generator))
+        top = self.pool.numel() - count + 1
+        start = int(torch.randint(top, (1,), generator=self.generator, device=self.generator.device))
         return self.pool[start : start + count].view(x.shape)
 
 

@@ -60,6 +60,8 @@ class QuantSpec:
                 raise ValueError(f"glue_bits must be None or an integer in [2, 16], got {self.glue_bits!r}")
             if self.output_bits is None:
                 raise ValueError("glue_bits needs output_bits: quantized glue only helps between quantized outputs")
+        if self.weight_quantizer == "symmetric" and min(self.w_bits, self.full_w_bits) < 2:
+            raise ValueError("a symmetric weight grid needs at least 2 bits (1 bit has no step on either side of 0)")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ValueError(f"weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
         if self.weight_granularity not in GRANULARITIES:

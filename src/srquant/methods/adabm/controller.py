@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from srquant.errors import SrquantError
+from srquant.methods.training import grayscale
 from srquant.metrics.complexity import GIGA, OpsReport, bitops
 from srquant.quant.accounting import layer_bits, ops_report
 from srquant.quant.quantizers import Quantizer, straight_through
-
-GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as kornia's rgb_to_grayscale
 
 
 def image_complexity(x: torch.Tensor) -> torch.Tensor:
@@ -29,10 +28,7 @@ def image_complexity(x: torch.Tensor) -> torch.Tensor:
     replicate padding by 1, normalised Sobel kernels [[-1,0,1],[-2,0,2],[-1,0,1]] / 8 and its transpose; the
     mean of |gx| and |gy| over both directions and all pixels.
     """
-    if x.shape[1] == 3:
-        gray = sum(w * x[:, i : i + 1] for i, w in enumerate(GRAY))
-    else:
-        gray = x.mean(dim=1, keepdim=True)
+    gray = grayscale(x)
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device) / 8
     kernels = torch.stack([kx, kx.t()]).unsqueeze(1)  # (2, 1, 3, 3)
     grad = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)

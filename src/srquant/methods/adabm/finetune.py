@@ -107,11 +107,12 @@ def fine_tune(
             bar.update(config.iterations)
             continue
         optimizer = optimizers[phase]
-        active_ids = {id(p) for p in active}
-        for p in controller.parameters():
-            p.requires_grad_(id(p) in active_ids)
         network_active = [p for p in active if id(p) not in controller_ids]
-        with frozen_weights(network, network_active), capture_stages(network, stages) as feats:
+        with (
+            frozen_weights(network, network_active),
+            frozen_weights(controller, active),
+            capture_stages(network, stages) as feats,
+        ):
             for step in range(config.iterations):
                 bar.update(1)
                 batch = draw_batch(config.batch_size)
@@ -138,8 +139,6 @@ def fine_tune(
         if guard.stopped:
             break
     bar.close()
-    for p in controller.parameters():
-        p.requires_grad_(True)
     with capture_stages(network, stages) as feats, torch.no_grad():
         guard.final_check(float(loss_of(draw_batch(config.batch_size), feats)))
     log.rollbacks, log.stopped_early = guard.rollbacks, guard.stopped

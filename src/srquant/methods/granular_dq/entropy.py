@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma (kornia's rgb_to_grayscale)
-
-
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) luma of an RGB batch in [0, 1] (the channel mean for other channel counts)."""
-    if x.shape[1] == 3:
-        return sum(w * x[:, i : i + 1] for i, w in enumerate(GRAY))  # type: ignore[return-value]
-    return x.mean(dim=1, keepdim=True)
+from srquant.methods.training import grayscale
 
 
 def patch_entropy(x: torch.Tensor, bins: int = 32, sigma: float = 0.0255) -> torch.Tensor:
