@@ -8,8 +8,9 @@ Every function that runs a network takes `device` ("auto", "cpu", "cuda", "cuda:
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from srquant import report
 from srquant.assets import asset_dir
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.calibration import CropSampler
@@ -56,6 +58,8 @@ from srquant.quant.accounting import Cost, layer_bits, model_cost
 from srquant.quant.quantize import GLUE_HOOK_SUFFIX
 from srquant.quant.spec import QuantSpec
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DatasetResult",
     "ModelEvaluation",
@@ -76,6 +80,7 @@ __all__ = [
     "upscale_file",
     "upscale_image",
     "write_lr_set",
+    "write_report",
 ]
 
 
@@ -620,3 +625,51 @@ class MethodRow:
 def list_methods() -> list[MethodRow]:
     """Every registered quantization method with its presets."""
     return [MethodRow(m.name, m.dynamic, tuple(m.presets), m.summary) for m in (get_method(n) for n in method_names())]
+
+
+def write_report(
+    models: Sequence[str | Path | nn.Module],
+    scale: int,
+    datasets: Sequence[str],
+    out: str | Path,
+    assets: str | Path | None = None,
+    images: Sequence[str] | None = None,
+    per_dataset: int = 2,
+    error_maps: bool = False,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+) -> Path:
+    """`srquant report`: an HTML page of scores, crops, bit maps and plots for zoo names, quantized checkpoints and
+    float modules; the float network of the first quantized zoo checkpoint is added when none is named."""
+    sets = [BenchmarkSet.from_assets(name, assets) for name in datasets]
+    inputs = [m for m in models if isinstance(m, str | Path) and is_checkpoint_reference(m)]
+    folder = check_output_folder(out, inputs, _asset_root(assets))
+    target = resolve_device(device)
+    entries: list[report.Entry] = []
+    for reference in models:
+        if isinstance(reference, nn.Module):
+            cost = model_cost(reference, scale)
+            entries.append(report.Entry(type(reference).__name__, reference, reference, cost.size_mb, cost.bitops_g))
+            entries[-1].is_float = True
+            continue
+        opened = open_model(reference, scale, assets, device=target)
+        cost = model_cost(opened.network, scale)
+        meta = opened.checkpoint.record.get("meta", {}) if opened.checkpoint else {}
+        label = Path(str(reference)).stem if opened.checkpoint else str(reference)
+        entry = report.Entry(
+            label, opened.model, opened.network, cost.size_mb, cost.bitops_g, meta.get("calib_seconds")
+        )
+        entry.is_float = opened.checkpoint is None
+        entries.append(entry)
+    zoo = [e.network.srquant_arch for e in entries if getattr(e.network, "srquant_arch", {}).get("kind") == "zoo"]
+    if zoo and not any(e.is_float for e in entries):
+        name = str(zoo[0]["name"])
+        if dict(zoo[0].get("kwargs", {})) == dict(get_entry(name).kwargs):  # the zoo's own network: its weights
+            try:
+                model = load_model(name, scale, assets, device=target)
+            except SrquantError as err:
+                log.warning("no float %s to compare with (%s): the drop column stays empty", name, err)
+            else:
+                cost = model_cost(model, scale)
+                entries.insert(0, report.Entry(f"{name} (FP)", model, model, cost.size_mb, cost.bitops_g, None, True))
+    return report.build_report(entries, sets, scale, folder, list(images or []), per_dataset, error_maps, progress)

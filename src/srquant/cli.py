@@ -213,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model zoo and what is available locally")
     _add_assets_arg(models)
     sub.add_parser("methods", help="list the quantization methods and their presets")
+
+    rp = sub.add_parser("report", help="an HTML page of scores, side-by-side crops, bit maps and plots")
+    rp.add_argument(
+        "--models", type=_comma_list, required=True, help="zoo names and quantized .pt files, comma-separated"
+    )
+    rp.add_argument("--scale", type=_positive_int, required=True)
+    rp.add_argument("--datasets", type=_comma_list, default=["Set5", "Urban100"])
+    rp.add_argument("-o", "--output", type=Path, required=True, help="folder for index.html and its images")
+    rp.add_argument("--images", type=_comma_list, help="images to show (default: where the models lose most)")
+    rp.add_argument("--per-dataset", type=_positive_int, default=2, help="images shown per dataset (default 2)")
+    rp.add_argument("--error-maps", action="store_true", help="also show |SR - HR| of every crop")
+    rp.add_argument("--no-progress", action="store_true")
+    _add_assets_arg(rp)
+    _add_device_arg(rp)
     return parser
 
 
@@ -410,6 +424,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    page = api.write_report(
+        args.models,
+        args.scale,
+        args.datasets,
+        args.output,
+        args.assets,
+        args.images,
+        args.per_dataset,
+        args.error_maps,
+        args.device,
+        not args.no_progress,
+    )
+    print(f"wrote {page} (open it in a browser; its images are beside it)")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     for row in api.list_methods():
         kind = "dynamic bits" if row.dynamic else "fixed bits"
@@ -426,6 +457,7 @@ COMMANDS = {
     "export": cmd_export,
     "bench-speed": cmd_bench_speed,
     "methods": cmd_methods,
+    "report": cmd_report,
 }
 
 

@@ -72,6 +72,8 @@ class ReconConfig:
     warmup: float = 0.2
     drop_prob: float = 0.5
     learn_rounding: bool = True
+    learn_weight_ranges: bool = False  # train the weights' ranges per block (with rounding off: their own STE)
+    lr_weight_ranges: float = 1e-3
     e2e_iterations: int = 0
     e2e_batch: int = 4
     e2e_crop: int = 48
@@ -87,6 +89,8 @@ class ReconConfig:
             raise SrquantError("recon iterations must be >= 0")
         if not (self.lr_rounding > 0 and self.lr_bounds > 0 and self.e2e_lr > 0):
             raise SrquantError("recon learning rates must be positive")
+        if self.learn_rounding and self.learn_weight_ranges:
+            raise SrquantError("recon learns either the weights' rounding (on a fixed grid) or their ranges, not both")
         if not 0 <= self.drop_prob < 1 or self.round_weight < 0 or not 0 <= self.warmup < 1:
             raise SrquantError("recon needs drop_prob in [0, 1), round_weight >= 0 and warmup in [0, 1)")
         if not self.blowup_factor > 1 or self.max_rollbacks < 1:
@@ -218,8 +222,11 @@ def reconstruct_block(
     try:
         roundings = [attach_rounding(m) for m in layers] if config.learn_rounding else []
         bounds = [p for q in acts for p in q.parameters()]
+        ranges = [p for m in layers for p in m.weight_quantizer.parameters(recurse=False)]
         groups = [{"params": [r.offset for r in roundings], "lr": config.lr_rounding}] if roundings else []
         groups += [{"params": bounds, "lr": config.lr_bounds}] if bounds else []
+        if config.learn_weight_ranges and not roundings and ranges:
+            groups += [{"params": ranges, "lr": config.lr_weight_ranges}]
         if not groups:
             return []
         trainable = [p for g in groups for p in g["params"]]
