@@ -2,7 +2,9 @@
 (a fresh process), `srquant.load_quantized` + `srquant.evaluate` (this process), and, for the fixed-bit
 deploy recipe, the exported integer ONNX graph run by onnxruntime.
 
-    python benchmarks/eval_paths.py --assets ../shared/assets [--network imdn] [--threads 2]
+    python benchmarks/eval_paths.py --assets ../shared/assets [--network imdn] [--threads 2] [--iterations 10]
+
+The methods that train run `--iterations` steps (default 10: the three paths must agree whatever the schedule).
 
 Writes docs/results/eval_paths.md (and .json). Checkpoints go to a temporary folder.
 """
@@ -10,6 +12,7 @@ Writes docs/results/eval_paths.md (and .json). Checkpoints go to a temporary fol
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--assets", default="../shared/assets")
     parser.add_argument("--network", default="imdn")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--iterations", type=int, default=10, help="training steps of the methods that train")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,13 +60,17 @@ def main() -> None:
         for method, deploy in cases:
             w, a = BITS.get(method, (8, 8) if deploy else (4, 4))
             ckpt = folder / f"{method}_{deploy or 'fake'}.pt"
+            plugin = get_method(method)
+            trains = "iterations" in {f.name for f in dataclasses.fields(plugin.config_type)}
+            steps = {"iterations": args.iterations} if trains else {}
             result = srquant.quantize(
-                args.network, SCALE, method, w, a, assets=args.assets, device="cpu", output=ckpt, deploy=deploy
+                args.network, SCALE, method, w, a, assets=args.assets, device="cpu", output=ckpt, deploy=deploy, **steps
             )
             row = {
                 "method": method,
                 "recipe": f"--deploy {deploy}" if deploy else f"W{w}A{a}",
-                "dynamic": get_method(method).dynamic,
+                "dynamic": plugin.dynamic,
+                "iterations": steps.get("iterations"),
                 "cli": cli_psnr(ckpt, args.assets, folder / "eval.json"),
                 "api": api_psnr(ckpt, args.assets),
                 "quantized": result.report.summary(),

@@ -26,12 +26,11 @@ DATASETS = ["Set5", "Set14", "B100", "Urban100"]
 NETWORKS = ("imdn", "pan", "carn-m", "eswt", "lmlt-tiny")
 METHODS = ("minmax", "percentile", "dbdc-pac", "dobi", "2dquant", "recon")  # the expected order, worst first
 PLANS = {
-    # Does per-channel weight quantization help? Both granularities, the papers' methods, W4A4 and W8A8.
+    # Does per-channel weight quantization help? Both granularities, DOBI and 2DQuant at W4A4, DOBI at W8A8.
     "granularity": [
         (name, bits, method, gran)
         for name in NETWORKS
-        for bits in (4, 8)
-        for method in ("dobi", "2dquant")
+        for bits, method in ((4, "dobi"), (4, "2dquant"), (8, "dobi"))
         for gran in ("tensor", "channel")
     ],
     # Every fixed-bit method at 4, 3 and 2 bits, per-channel weights (2DQuant's Table 3 and srquant's recon).
@@ -51,14 +50,16 @@ def cell_key(name: str, bits: int, method: str, granularity: str, preset: str) -
     return f"{name}|W{bits}A{bits}|{method}|{granularity}|{preset}"
 
 
-def run_cell(name: str, bits: int, method: str, granularity: str, preset: str, assets: str | None) -> dict:
-    """Quantize one network by one method and evaluate it on the four benchmarks."""
+def run_cell(
+    name: str, bits: int, method: str, granularity: str, preset: str, assets: str | None, datasets: list[str]
+) -> dict:
+    """Quantize one network by one method and evaluate it on the given benchmarks."""
     start = time.perf_counter()
     result = api.quantize(
         name, SCALE, method, bits, bits, preset=preset, assets=assets, device="cpu", weight_granularity=granularity
     )
     cost = model_cost(result.network, SCALE)
-    results = evaluate(result.model, DATASETS, SCALE, ["basicsr"], assets, progress=False)
+    results = evaluate(result.model, datasets, SCALE, ["basicsr"], assets, progress=False)
     return {
         "calib_seconds": result.calib_seconds,
         "wall_seconds": time.perf_counter() - start,
@@ -87,10 +88,14 @@ def main() -> None:
     parser.add_argument("--plan", choices=sorted(PLANS), help="a named set of cells")
     parser.add_argument("--only", help="comma list of name:bits:method:granularity cells")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help="comma list; missing sets show as - in the tables"
+    )
     parser.add_argument("--table-only", action="store_true", help="write the tables from the results file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    datasets = args.datasets.split(",")
     cells = parse_cells(args.only) if args.only else PLANS.get(args.plan or "", [])
     for name, bits, method, gran in [] if args.table_only else cells:
         if f"{name}|fp" not in load_json(STORE):
@@ -98,7 +103,7 @@ def main() -> None:
         key = cell_key(name, bits, method, gran, args.preset)
         if key in load_json(STORE):
             continue
-        cell = run_cell(name, bits, method, gran, args.preset, args.assets)
+        cell = run_cell(name, bits, method, gran, args.preset, args.assets, datasets)
         update_json(STORE, key, cell)
         print(f"{key:<40} Set5 {cell['scores']['Set5']['psnr']:.2f}  calib {cell['calib_seconds']:.0f}s", flush=True)
     done = load_json(STORE)
@@ -110,7 +115,10 @@ def _scores(cell: dict, fp: dict) -> str:
     """`PSNR/SSIM (drop)` per dataset."""
     parts = []
     for d in DATASETS:
-        got = cell["scores"][d]
+        got = cell["scores"].get(d)
+        if got is None:
+            parts.append("-")
+            continue
         parts.append(f"{got['psnr']:.2f}/{got['ssim']:.4f} ({got['psnr'] - fp[d]['psnr']:+.2f})")
     return " | ".join(parts)
 
@@ -124,12 +132,13 @@ def ordering_report(done: dict, preset: str) -> list[str]:
             if any(c is None for c in cells):
                 continue
             broken = []
-            for d in DATASETS:
+            sets = [d for d in DATASETS if all(d in c["scores"] for c in cells)]  # type: ignore[index]
+            for d in sets:
                 values = [c["scores"][d]["psnr"] for c in cells]  # type: ignore[index]
                 for i in range(len(METHODS) - 1):
                     if not values[i] < values[i + 1]:
                         broken.append(f"{d}: {METHODS[i]} {values[i]:.2f} >= {METHODS[i + 1]} {values[i + 1]:.2f}")
-            verdict = "holds on all four sets" if not broken else "fails on " + "; ".join(broken)
+            verdict = f"holds on {', '.join(sets)}" if not broken else "fails on " + "; ".join(broken)
             lines.append(f"- {name} W{bits}A{bits}: {verdict}")
     return lines
 
@@ -207,7 +216,10 @@ def write_granularity_table(done: dict, preset: str) -> None:
                     )
                 if len(pair) == 2:
                     delta = [
-                        pair["channel"]["scores"][d]["psnr"] - pair["tensor"]["scores"][d]["psnr"] for d in DATASETS
+                        pair["channel"]["scores"][d]["psnr"] - pair["tensor"]["scores"][d]["psnr"]
+                        if d in pair["channel"]["scores"] and d in pair["tensor"]["scores"]
+                        else None
+                        for d in DATASETS
                     ]
                     gains.append((name, bits, method, delta))
     if gains:
@@ -215,9 +227,13 @@ def write_granularity_table(done: dict, preset: str) -> None:
         lines.append("| network | bits | method | " + " | ".join(DATASETS) + " |")
         lines.append("|---" * (3 + len(DATASETS)) + "|")
         for name, bits, method, delta in gains:
-            lines.append(f"| {name} | W{bits}A{bits} | {method} | " + " | ".join(f"{v:+.2f}" for v in delta) + " |")
+            shown = " | ".join("-" if v is None else f"{v:+.2f}" for v in delta)
+            lines.append(f"| {name} | W{bits}A{bits} | {method} | " + shown + " |")
         worse = [
-            (n, b, m, d) for n, b, m, delta in gains for d, v in zip(DATASETS, delta, strict=True) if b == 4 and v <= 0
+            (n, b, m, d)
+            for n, b, m, delta in gains
+            for d, v in zip(DATASETS, delta, strict=True)
+            if b == 4 and v is not None and v <= 0
         ]
         lines.append("")
         lines.append(

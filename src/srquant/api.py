@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ __all__ = [
     "load_quantized",
     "open_model",
     "quantize",
+    "random_control",
     "resolve_device",
     "upscale",
     "upscale_file",
@@ -209,6 +210,7 @@ def quantize(
     layout: QuantLayout | None = None,
     layers: tuple[str, ...] | None = None,
     keep_fp: tuple[str, ...] = (),
+    no_adapt: bool = False,
     **overrides: Any,
 ) -> QuantizationResult:
     """Quantize a network by a registered `method` (minmax, percentile, dobi, 2dquant, adabm, granular-dq, ...)
@@ -220,10 +222,13 @@ def quantize(
     name patterns. Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a
     benchmark set. `weight_granularity` None takes the preset's choice (the papers' presets: per tensor;
     srquant's: per channel). `overrides` replace fields of the method's config (e.g. iterations, batch_size,
-    seed). `deploy="onnxruntime"` sets the recipe whose integer graph computes exactly what the model computes
+    seed). `no_adapt` turns a dynamic method into its fixed-bit twin at `a_bits` (same quantizers, calibration
+    and schedule). `deploy="onnxruntime"` sets the recipe whose integer graph computes exactly what the model computes
     and runs in uint8 between its kernels; it needs a8 and a fixed-bit method.
     """
     plugin = get_method(method)
+    if no_adapt:
+        overrides = {**overrides, **plugin.fixed_twin(a_bits)}
     root = asset_dir(assets)
     folder = calibration_folder(calib, assets)
     if output is not None:
@@ -328,6 +333,20 @@ def open_model(
         return OpenedModel(loaded.model, loaded.network, loaded.label(reference), loaded)
     model = float_network(reference, scale, assets, weights, download, target, arch, arch_kwargs, input_range)
     return OpenedModel(model, model, str(reference if reference is not None else arch))
+
+
+def random_control(
+    checkpoint: str | Path, shares: Mapping[int, float], seed: int = 0, device: str | torch.device = "auto"
+) -> nn.Module:
+    """A dynamic checkpoint's random control: the model loaded afresh, its bits handed out by chance in the
+    proportions `shares` (AdaBM: image offsets {-1, 0, 1} -> share, its layer offsets shuffled; Granular-DQ:
+    patch bit -> share), deterministic per image or patch content. Compare it at the same FAB."""
+    loaded = load_checkpoint(checkpoint, resolve_device(device))
+    model = loaded.model
+    if not get_method(loaded.method).dynamic or not hasattr(model, "use_controller"):
+        raise SrquantError(f"{checkpoint} is a {loaded.method} model: a random control needs dynamic bits")
+    model.use_controller(model.controller.randomized(shares, seed))
+    return model
 
 
 @dataclass

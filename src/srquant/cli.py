@@ -175,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the integer-export recipe: every layer W7A8 (int8 codes within +-63), symmetric per-channel weights, "
         "simulated outputs and uint8 tensors between layers; exact on every x86 CPU (docs/deploy.md)",
     )
+    qz.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="a dynamic method's fixed-bit twin (adabm, granular-dq): the same quantizers, calibration and schedule, "
+        "every image and patch at --abits",
+    )
+    qz.add_argument(
+        "--target-fab",
+        type=float,
+        help="granular-dq: the mean activation bit its controller is trained towards (a bit-budget term)",
+    )
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     qz.add_argument(
         "--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch; Granular-DQ)"
@@ -308,6 +319,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "iterations": args.iterations,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "target_fab": args.target_fab,
     }
     result = api.quantize(
         args.model,
@@ -334,6 +346,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         input_range=args.input_range,
         layers=args.layers,
         keep_fp=args.keep_fp or (),
+        no_adapt=args.no_adapt,
         **{k: v for k, v in overrides.items() if v is not None},
     )
     if result.inferred is not None:

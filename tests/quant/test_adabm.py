@@ -4,6 +4,7 @@ ablation switches (and their survival through a checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from srquant.methods.adabm import (
     image_complexity,
     run_adabm,
 )
+from srquant.methods.adabm.allocation import best_offsets, measured_allocation
 from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import REGISTRY, build_model
@@ -323,3 +325,62 @@ def test_weight_search_is_per_channel_with_channel_granularity() -> None:
     layer = result.model.network.get_submodule(result.adaptive_layers[0])
     bounds = layer.weight_quantizer.upper_bound.detach()
     assert bounds.shape == (layer.weight.shape[0],) and len(set(bounds.tolist())) > 1
+
+
+def test_best_offsets_balance_raises_and_cuts_for_the_largest_net_gain() -> None:
+    assert best_offsets([0.5, 0.1, 0.0], [0.2, 0.05, 1.0]) == [1, -1, 0]
+    assert best_offsets([0.01, 0.02], [0.5, 0.4]) == [0, 0]  # no raise pays for a step down: fixed bits
+    # Greedy pairing would raise 0 against 1 (net 0.8); raising 0 and 1 against 2 and 3 nets 1.2.
+    assert best_offsets([0.9, 0.8, 0.1, 0.1], [0.0, 0.1, 0.2, 0.3]) == [1, 1, -1, -1]
+    gains, costs = torch.rand(9).tolist(), torch.rand(9).tolist()
+    chosen = best_offsets(gains, costs)
+
+    def value(offsets: list[int]) -> float:
+        return sum(g if o == 1 else -c if o == -1 else 0.0 for o, g, c in zip(offsets, gains, costs, strict=True))
+
+    balanced = [list(o) for o in itertools.product((-1, 0, 1), repeat=9) if sum(o) == 0]
+    assert sum(chosen) == 0 and value(chosen) == pytest.approx(max(value(o) for o in balanced))
+
+
+def test_measured_allocation_keeps_fab_at_the_base_and_follows_its_own_measurements() -> None:
+    model, controller = _calibrated()
+    gen = torch.Generator().manual_seed(5)
+    crops, held_out = _smooth(8, gen=gen), _smooth(8, gen=gen)
+    report = measured_allocation(model.network, controller, crops, held_out)
+    offsets = controller.measure_layer.detach()
+    assert float(offsets.sum()) == 0 and set(offsets.tolist()) <= {-1.0, 0.0, 1.0}
+    index = {name: k for k, name in enumerate(controller.layer_names)}
+    assert len(report.raised) == len(report.lowered)
+    assert all(offsets[index[n]] == 1 for n in report.raised) and all(offsets[index[n]] == -1 for n in report.lowered)
+    net = sum(report.layer_gain[index[n]] for n in report.raised) - sum(
+        report.layer_cost[index[n]] for n in report.lowered
+    )
+    assert net > 0 or not report.raised
+    assert report.image_direction == max((0, 1, -1), key=lambda d: report.image_gain_db[d])
+    assert float(controller.image_direction) == report.image_direction
+    bits = controller(crops).detach()
+    assert float((bits - 4 - controller.image_bits(crops).detach()[:, None]).mean()) == 0  # layer bits average the base
+
+
+def test_direction_minus_one_gives_flat_images_more_bits_and_zero_switches_image2bit_off() -> None:
+    _, controller = _calibrated()
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    noisy = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    controller.image_direction.fill_(-1.0)
+    assert controller.image_bits(flat).item() == 1 and controller.image_bits(noisy).item() == -1
+    controller.image_direction.fill_(0.0)
+    assert controller.image_bits(noisy).item() == 0
+    assert all(p is not controller.measure_l for p in controller.trainable())
+
+
+def test_a_measured_run_reloads_with_its_direction_and_gives_identical_outputs(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, allocation="measured", sensitivity_crops=4)  # 8 calibration crops: 4 + 4
+    model, result = _run(config=config)
+    assert result.allocation is not None
+    path = tmp_path / "adabm.pt"
+    save_quantized(model.network, path, "adabm", result.spec, {}, {"controller": result.controller.state_dict()})
+    again = load_quantized(path)
+    assert float(again.controller.image_direction) == result.allocation.image_direction
+    x = torch.cat([FLAT, BUSY, _smooth(2)])
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

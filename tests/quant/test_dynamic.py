@@ -10,7 +10,9 @@ import torch
 
 import srquant
 from srquant.cli import main
+from srquant.errors import SrquantError
 from srquant.methods.adabm import ADABM, run_adabm
+from srquant.methods.controls import content_uniform, draw_from_histogram
 from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.spec import QuantSpec
@@ -67,3 +69,70 @@ def test_cli_adabm_on_a_real_network(assets: Path, tmp_path: Path) -> None:
     assert all(len(entry["layers"]) == 30 for entry in per_image.values())  # IMDN's 30 adaptive body convs
     mean_fab = sum(entry["fab"] for entry in per_image.values()) / 5
     assert mean_fab == pytest.approx(row["fab"])
+
+
+def test_content_uniform_is_deterministic_per_content_and_seed() -> None:
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    u = content_uniform(x, 0)
+    assert u.shape == (3,) and bool(((u >= 0) & (u < 1)).all())
+    assert torch.equal(u, content_uniform(x.clone(), 0))  # the same content, the same number
+    assert torch.equal(content_uniform(x[1:2], 0), u[1:2])  # independent of the batch it is in
+    assert not torch.equal(u, content_uniform(x, 1))
+
+
+def test_draw_from_histogram_follows_the_shares() -> None:
+    u = torch.arange(1000, dtype=torch.float64) / 1000
+    drawn = draw_from_histogram(u, {4: 1, 5: 1, 8: 2})
+    assert [int((drawn == b).sum()) for b in (4, 5, 8)] == [250, 250, 500]
+    with pytest.raises(SrquantError, match="histogram"):
+        draw_from_histogram(u, {})
+
+
+def _tiny_adabm(tmp_path: Path) -> tuple[Path, object]:
+    """A tiny EDSR x2 AdaBM checkpoint with both adaptations and the measured allocation off (paper rules)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    network = build_model("edsr-baseline", 2, tiny=True).eval()
+    config = ADABM.config("paper", {"epochs": 1, "iterations": 1, "calib_count": 4, "calib_batch": 2, "crop": 12})
+    draw = lambda n: torch.rand(n, 3, 12, 12, generator=gen)  # noqa: E731
+    result = run_adabm(network, REGISTRY["edsr-baseline"].layout, QuantSpec(4, 4), draw, config)
+    path = tmp_path / "adabm.pt"
+    save_quantized(network, path, "adabm", result.spec, {}, {"controller": result.controller.state_dict()})
+    return path, result
+
+
+def test_adabm_random_control_shuffles_layer_bits_and_draws_image_bits_by_the_shares(tmp_path: Path) -> None:
+    path, result = _tiny_adabm(tmp_path)
+    control = srquant.api.random_control(path, {-1: 1, 1: 1}, seed=3, device="cpu")
+    fitted = result.controller
+    x = torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mine, theirs = control.controller.layer_bits(), fitted.layer_bits()
+        assert sorted(mine.tolist()) == sorted(theirs.tolist())  # the same layer histogram
+        image = control.controller.image_bits(x)
+        assert set(image.tolist()) <= {-1.0, 1.0}
+        again = srquant.api.random_control(path, {-1: 1, 1: 1}, seed=3, device="cpu")
+        assert torch.equal(again(x), control(x))  # deterministic across loads
+        only_zero = srquant.api.random_control(path, {0: 1}, seed=3, device="cpu")
+        assert only_zero.controller.image_bits(x).abs().sum() == 0
+
+
+def test_random_control_refuses_a_fixed_bit_checkpoint(tmp_path: Path) -> None:
+    network = build_model("pan", 2, tiny=True).eval()
+    from srquant.methods.ptq import calibrate
+    from srquant.quant.quantize import quantize_
+
+    quantize_(network, QuantSpec(4, 4), REGISTRY["pan"].layout)
+    calibrate(network, [torch.rand(2, 3, 12, 12)], "minmax")
+    save_quantized(network, tmp_path / "q.pt", "minmax", QuantSpec(4, 4), {})
+    with pytest.raises(srquant.SrquantError, match="dynamic"):
+        srquant.api.random_control(tmp_path / "q.pt", {4: 1}, device="cpu")
+
+
+def test_no_adapt_is_refused_for_a_fixed_bit_method_and_gives_fixed_twins() -> None:
+    from srquant.methods.registry import get_method
+
+    assert get_method("adabm").fixed_twin(4) == {"image2bit": False, "layer2bit": False}
+    assert get_method("granular-dq").fixed_twin(5) == {"fixed_bits": 5}
+    with pytest.raises(srquant.SrquantError, match="dynamic methods"):
+        get_method("dobi").fixed_twin(4)

@@ -21,6 +21,7 @@ from srquant.methods.granular_dq import (
     GranularityBitController,
     MultiBitLSQ,
     PatchBit,
+    PatchwiseBitsModel,
     bit_map,
     head_conv_name,
     image_bit_report,
@@ -30,6 +31,7 @@ from srquant.methods.granular_dq import (
     run_granular_dq,
     upscale_patchwise,
 )
+from srquant.methods.granular_dq.training import bit_cost, head_features
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import build_model, get_entry
 from srquant.quant.accounting import ops_report
@@ -422,3 +424,72 @@ def test_switches_travel_with_the_controller_state() -> None:
     assert (legacy.use_e2b, legacy.use_atc, legacy.fixed_bits) == (True, True, None)
     with pytest.raises(SrquantError, match="other layers"):
         GranularityBitController(["y"], 8, GranularDQConfig()).load_state_dict(state)
+
+
+def test_a_bit_budget_pushes_the_controller_towards_cheaper_bits() -> None:
+    """Above the target, a descent step on the budget raises the lowest code's logit and lowers the highest one's."""
+    config = dataclasses.replace(SMALL, target_fab=4.5, budget_weight=1.0, e2b=False, atc=False)
+    controller = GranularityBitController(["a"], 8, config).train()
+    with torch.no_grad():
+        controller.fc.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))  # mostly the top code (8 bits)
+    feat = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    controller(feat, torch.rand(4, 3, 6, 6))
+    cost = bit_cost(controller, config)
+    assert isinstance(cost, torch.Tensor) and float(cost.detach()) > 0
+    cost.backward()
+    grad = controller.fc.bias.grad
+    assert grad is not None and grad[0] < 0 < grad[2]  # a descent step raises the 4-bit logit, lowers the 8-bit one
+
+
+def test_bit_cost_is_the_hinge_above_the_target_and_nothing_for_a_fixed_bit() -> None:
+    config = dataclasses.replace(SMALL, target_fab=5.0, budget_weight=2.0)
+    controller = GranularityBitController(["a"], 8, config)
+    controller.last_expected_bits = torch.tensor([4.0, 8.0])  # mean 6: 1 bit above the target
+    assert float(bit_cost(controller, config)) == pytest.approx(2.0)
+    controller.last_expected_bits = torch.tensor([4.0, 5.0])
+    assert float(bit_cost(controller, config)) == 0.0
+    fixed = GranularityBitController(["a"], 8, dataclasses.replace(config, fixed_bits=4))
+    fixed.last_expected_bits = torch.tensor([8.0])
+    assert bit_cost(fixed, config) == 0.0
+    with pytest.raises(SrquantError, match="target_fab"):
+        dataclasses.replace(SMALL, target_fab=9.0)
+
+
+def test_random_control_gives_patches_the_histogram_bits_deterministically_and_leaves_the_fitted_one() -> None:
+    model, result = _trained()
+    result.attachment.detach(model, result.controller)
+    wrapped = PatchwiseBitsModel(model, result.controller, result.head, patch=16, stride=12)
+    image = _crops(1, torch.Generator().manual_seed(2), size=40)
+    with torch.no_grad():
+        fitted_out = wrapped(image)
+        fitted_bits = [p.bit for p in wrapped.patch_bits(image)]
+        control = result.controller.randomized({4: 1, 8: 1}, seed=1)
+        wrapped.use_controller(control)
+        out = wrapped(image)
+        bits = [p.bit for p in wrapped.patch_bits(image)]
+        assert set(bits) <= {4, 8} and len(set(bits)) == 2  # 9 patches: both bits drawn
+        assert torch.equal(out, wrapped(image))  # deterministic
+        assert result.controller.random_shares is None  # the fitted controller is untouched
+        wrapped.use_controller(result.controller)
+        assert torch.equal(wrapped(image), fitted_out) and [p.bit for p in wrapped.patch_bits(image)] == fitted_bits
+    with pytest.raises(SrquantError, match="not among"):
+        result.controller.randomized({7: 1})
+
+
+def test_a_target_fab_calibrates_a_bit_price_that_meets_it_on_the_calibration_patches() -> None:
+    config = dataclasses.replace(SMALL, target_fab=4.5, e2b=False, atc=False)
+    model, result = _trained(config=config)
+    controller = result.controller
+    patches = _crops(16, torch.Generator().manual_seed(9))
+    features = head_features(model, result.head, patches)
+    with torch.no_grad():
+        controller.bit_price.fill_(0.0)
+        free = float(controller(features, patches)[0].double().mean())
+        price = controller.calibrate_bit_price(features, patches, 4.5)
+        priced = float(controller(features, patches)[0].double().mean())
+    assert priced <= 4.5 and (price == 0.0) == (free <= 4.5)
+    assert result.bit_price >= 0 and float(controller.bit_price) == price
+    with torch.no_grad():  # the smallest such price: a little less gives more bits than the target
+        if price > 0:
+            controller.bit_price.fill_(price * 0.9)
+            assert float(controller(features, patches)[0].double().mean()) > 4.5

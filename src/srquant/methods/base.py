@@ -131,6 +131,10 @@ class Method:
         except (TypeError, ValueError) as err:
             raise SrquantError(f"{self.name}: {err}") from None
 
+    def fixed_twin(self, a_bits: int) -> dict[str, Any]:
+        """Config overrides that make a dynamic method fixed-bit at `a_bits` with everything else unchanged."""
+        raise SrquantError(f"--no-adapt applies to dynamic methods; {self.name} already runs fixed bits")
+
     def default_granularity(self, preset: str) -> str:
         """The weight granularity when none is asked for: the papers' per-tensor for their presets."""
         return "tensor" if preset in PAPER_PRESETS else DEFAULT_GRANULARITY

@@ -3,7 +3,9 @@
 1. `quantize_` with a symmetric weight quantizer; the adaptive layers are the layout's body (with `full`,
    head/upsampler/tail run at a fixed, non-adaptive W8A8).
 2. Calibration (`calibration`): weight bounds by MSE search, activation ranges by EMA min/max, Image2Bit
-   thresholds and Layer2Bit measures from the calibration crops; then bit-aware clipping once.
+   thresholds and Layer2Bit measures from the calibration crops. With `allocation="measured"` (srquant's `cpu`
+   and `gpu` presets; `allocation`) the layer bits and the image direction come instead from what +-1 bit does
+   to the output error on calibration crops. Then bit-aware clipping once.
 3. Fine-tuning (`finetune`): phase-cycled distillation of weight bounds, activation bounds and bit measures.
 4. The model is evaluated as an `AdaptiveBitsModel` (`controller`): every image gets its own bits.
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from srquant.errors import SrquantError
+from srquant.methods.adabm.allocation import AllocationReport, measured_allocation
 from srquant.methods.adabm.calibration import bit_aware_clipping, calibrate_adabm, search_weight_bound
 from srquant.methods.adabm.config import ADABM_PRESETS, AdaBMConfig
 from srquant.methods.adabm.controller import AdaptiveBitsModel, BitController, bit_report, image_complexity
@@ -50,6 +53,7 @@ __all__ = [
     "AdaBM",
     "AdaBMConfig",
     "AdaBMResult",
+    "AllocationReport",
     "AdaptiveBitsModel",
     "BitController",
     "bit_aware_clipping",
@@ -57,6 +61,7 @@ __all__ = [
     "calibrate_adabm",
     "fine_tune",
     "image_complexity",
+    "measured_allocation",
     "run_adabm",
     "search_weight_bound",
 ]
@@ -77,6 +82,7 @@ class AdaBMResult:
     stopped_early: bool = False
     calib_seconds: float = 0.0
     seconds: float = 0.0
+    allocation: AllocationReport | None = None
 
     @property
     def controller(self) -> BitController:
@@ -116,10 +122,15 @@ def run_adabm(
     sizes = [min(config.calib_batch, config.calib_count - i) for i in range(0, config.calib_count, config.calib_batch)]
     calib = [draw_batch(n) for n in sizes]
     calibrate_adabm(network, controller, calib, config)
+    allocation = None
+    if config.allocation == "measured" and (controller.layer2bit or controller.image2bit):
+        crops, n = torch.cat(calib), config.sensitivity_crops  # the config ensures 2n <= calib_count
+        allocation = measured_allocation(network, controller, crops[:n], crops[n : 2 * n])
     model = AdaptiveBitsModel(network, controller)
     if config.bit_aware_clipping:
         bit_aware_clipping(model, draw_batch(config.batch_size), config)
     result = AdaBMResult(model, report, spec, adaptive, config, calib_seconds=time.perf_counter() - start)
+    result.allocation = allocation
     tuned = fine_tune(model, calib, draw_batch, config, progress)
     result.losses, result.phases, result.rollbacks = tuned.losses, tuned.phases, tuned.rollbacks
     result.stopped_early = tuned.stopped_early
@@ -135,6 +146,10 @@ class AdaBM(Method):
     config_type = AdaBMConfig
     presets = ADABM_PRESETS
     dynamic = True
+
+    def fixed_twin(self, a_bits: int) -> dict[str, Any]:
+        """Image2Bit and Layer2Bit off: every image and layer at the base a_bits."""
+        return {"image2bit": False, "layer2bit": False}
 
     def run(
         self,
@@ -152,6 +167,8 @@ class AdaBM(Method):
             crop = max(data.pad_multiple, available // data.pad_multiple * data.pad_multiple)
         result = run_adabm(model, layout, spec, data.stream(crop, config.seed), config, progress)
         settings = {"adabm": self.settings(config), "crop": crop, "crop_requested": config.crop}
+        if result.allocation is not None:
+            settings["allocation"] = dataclasses.asdict(result.allocation)
         state = {"controller": result.controller.state_dict()}
         return MethodRun(
             result.model, result.report, result.spec, result.seconds, settings, state, result.rollbacks, result.losses

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from srquant.errors import SrquantError
 
+ALLOCATIONS = ("paper", "measured")
+
 
 @dataclass(frozen=True)
 class AdaBMConfig:
@@ -34,6 +36,8 @@ class AdaBMConfig:
     bit_aware_clipping: bool = True
     image2bit: bool = True  # ablation: False fixes b_img = 0 (thresholds not calibrated, not trained)
     layer2bit: bool = True  # ablation: False fixes b_layer = 0 (layer measures not calibrated, not trained)
+    allocation: str = "paper"  # "paper": std and complexity measures; "measured": +-1-bit output errors (srquant)
+    sensitivity_crops: int = 16  # calibration crops the measured allocation scores on (and as many to check on)
     augment: bool = True
     seed: int = 0
     blowup_factor: float = 4.0
@@ -41,6 +45,15 @@ class AdaBMConfig:
     guard_seed_batches: int = 8
 
     def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise SrquantError(f"AdaBM allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.sensitivity_crops < 1:
+            raise SrquantError(f"AdaBM sensitivity_crops must be positive, got {self.sensitivity_crops}")
+        if self.allocation == "measured" and 2 * self.sensitivity_crops > self.calib_count:
+            raise SrquantError(
+                f"AdaBM's measured allocation scores on sensitivity_crops and checks on as many held-out ones: "
+                f"calib_count {self.calib_count} < 2 x {self.sensitivity_crops}"
+            )
         for name in ("bit_aware_clipping", "image2bit", "layer2bit", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise SrquantError(f"AdaBM {name} must be True or False, got {getattr(self, name)!r}")
@@ -67,8 +80,12 @@ ADABM_PRESETS: dict[str, AdaBMConfig] = {
     # AdaBM src/run.sh: 10 epochs x 50 iterations (100 images / batch 2), 96x96 LR crops (patch 384 at x4),
     # 100 calibration images in batches of 16, w_skt 10, w_bitloss 50.
     "paper": AdaBMConfig(),
-    # The same algorithm sized for a 2-core CPU (IMDN x4 well under 5 minutes).
-    # 64 calibration crops in 4 batches, so the thresholds' EMA sees several batches as in the original.
-    "cpu": AdaBMConfig(epochs=6, iterations=10, batch_size=2, crop=40, calib_count=64, calib_batch=16),
+    # srquant's CPU schedule (IMDN x4 within a few minutes): 64 calibration crops in 4 batches, so the thresholds'
+    # EMA sees several batches as in the original; bits allocated from measured output errors (docs/adabm.md).
+    "cpu": AdaBMConfig(
+        epochs=6, iterations=10, batch_size=2, crop=40, calib_count=64, calib_batch=16, allocation="measured"
+    ),
+    # srquant's GPU schedule: run.sh's, with the measured allocation.
+    "gpu": AdaBMConfig(allocation="measured"),
 }
 ADABM_PRESETS["code"] = ADABM_PRESETS["paper"]  # the paper's tables were not found: run.sh is both

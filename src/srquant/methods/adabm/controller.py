@@ -7,7 +7,8 @@ with the hard value used forward and a tanh surrogate backward (`soft - soft.det
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srquant.errors import SrquantError
+from srquant.methods.controls import check_histogram, content_uniform, draw_from_histogram
 from srquant.methods.training import grayscale
 from srquant.metrics.complexity import GIGA, OpsReport, bitops
 from srquant.quant.accounting import layer_bits, ops_report
@@ -54,6 +56,11 @@ class BitController(nn.Module):
         self.measure_u = nn.Parameter(torch.tensor(1.0))
         self.measure_layer = nn.Parameter(torch.zeros(len(self.layer_names)))
         self.register_buffer("sensitivity", torch.zeros(len(self.layer_names)))
+        # +1: complex images get more bits (the paper); -1: fewer; 0: no image bit (the measured allocation's
+        # verdict when neither direction pays on the calibration crops).
+        self.register_buffer("image_direction", torch.tensor(1.0))
+        self.random_image_shares: dict[int, float] | None = None  # set on a random control (`randomized`)
+        self.random_seed = 0
 
     def get_extra_state(self) -> dict[str, object]:
         """Layer names, base bits and switches travel with the state: a reload gives the same bits or fails."""
@@ -80,20 +87,42 @@ class BitController(nn.Module):
         controller.load_state_dict(state, strict=True)
         return controller
 
+    @property
+    def image_active(self) -> bool:
+        """Image2Bit is on and has a direction: images can get their own bit."""
+        return self.image2bit and float(self.image_direction) != 0
+
     def trainable(self) -> list[nn.Parameter]:
-        """The bit parameters that can change the bits: thresholds with Image2Bit on, measures with Layer2Bit on."""
-        params = [self.measure_l, self.measure_u] if self.image2bit else []
+        """The bit parameters that can change the bits: thresholds with Image2Bit active, measures with Layer2Bit."""
+        params = [self.measure_l, self.measure_u] if self.image_active else []
         return params + [self.measure_layer] if self.layer2bit else params
 
     def image_bits(self, x: torch.Tensor) -> torch.Tensor:
-        """b_img per sample in {-1, 0, +1}; surrogate tanh((c - (u+l)/2) * 2 / (u-l)) backward (0 when off)."""
-        if not self.image2bit:
+        """b_img per sample in {-1, 0, +1}, times the direction; surrogate tanh((c - (u+l)/2) * 2 / (u-l))
+        backward (0 when off)."""
+        if self.random_image_shares is not None:
+            u = content_uniform(x, self.random_seed)
+            return draw_from_histogram(u, self.random_image_shares).to(device=x.device, dtype=x.dtype)
+        if not self.image_active:
             return x.new_zeros(x.shape[0])
         c = image_complexity(x)
         lower, upper = self.measure_l, self.measure_u
         hard = (c > upper).float() - (c < lower).float()
         soft = torch.tanh((c - (upper + lower) / 2) * 2 / (upper - lower).abs().clamp_min(1e-6))
-        return straight_through(soft, hard)
+        return self.image_direction * straight_through(soft, hard)
+
+    def randomized(self, image_shares: Mapping[int, float], seed: int = 0) -> BitController:
+        """The random control: this controller's layer offsets in a seeded random order, and for each image an
+        offset drawn with `image_shares` ({-1: p, 0: q, 1: r}, e.g. what this controller gave a dataset) from a hash
+        of its content. Same bit histogram, no content-driven choice; deterministic."""
+        control = copy.deepcopy(self)
+        offsets = self.layer_bits().detach()
+        order = torch.randperm(len(offsets), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            control.measure_layer.copy_(offsets[order.to(offsets.device)])  # values in {-1, 0, 1}: exact offsets
+        control.random_image_shares = check_histogram(image_shares)
+        control.random_seed = seed
+        return control
 
     def layer_bits(self) -> torch.Tensor:
         """b_layer per adaptive layer: round(clamp(m, -1, 1)) forward, tanh(m) backward (0 when off)."""
@@ -144,6 +173,12 @@ class AdaptiveBitsModel(nn.Module):
         self.last_bits: torch.Tensor | None = None
         self._ops: OpsReport | None = None
         self.train(network.training)  # a wrapper of an eval-mode network is in eval mode too
+
+    def use_controller(self, controller: BitController) -> None:
+        """Run with another controller (e.g. `controller.randomized(...)`, the random control) from now on."""
+        if controller.layer_names != self.controller.layer_names:
+            raise SrquantError("the new AdaBM controller was fitted for other layers")
+        self.controller = controller
 
     def adaptive_quantizers(self) -> list[Quantizer]:
         """The input quantizers of the adaptive layers, in the controller's order."""

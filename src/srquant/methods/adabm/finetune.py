@@ -75,7 +75,7 @@ def fine_tune(
     controller_ids = {id(p) for p in controller.parameters()}
     trainable = [p for phase in PHASES for p in groups[phase]]
     bit_groups: list[dict[str, object]] = []  # only the switched-on adaptations are given to an optimizer
-    if controller.image2bit:
+    if controller.image_active:
         bit_groups.append({"params": [controller.measure_l, controller.measure_u], "lr": config.lr_measure_img})
     if controller.layer2bit:
         bit_groups.append({"params": [controller.measure_layer], "lr": config.lr_measure_layer})

@@ -154,6 +154,10 @@ class GranularDQ(Method):
             given.setdefault("epoch_iterations", round(base.epoch_iterations * ratio))
         return super().config(preset, given)
 
+    def fixed_twin(self, a_bits: int) -> dict[str, Any]:
+        """No controller: every patch at a_bits (one of act_bits), same training schedule and batches."""
+        return {"fixed_bits": a_bits}
+
     def run(
         self,
         model: nn.Module,

@@ -33,6 +33,9 @@ class GranularDQConfig:
     w_bits: int = 8
     weight_init: str = "max"
     bit_penalty: float = 0.0
+    target_fab: float | None = None  # srquant's bit budget: a price per bit calibrated after training to meet it
+    budget_weight: float = 0.0  # optional training term: this weight x the batch's mean bit above target_fab
+    controller_lr: float | None = None  # the controller's own Adam rate (None: lr)
     calib_count: int = 256
     calib_batch: int = 16
     augment: bool = True
@@ -78,6 +81,13 @@ class GranularDQConfig:
             raise SrquantError("Granular-DQ grids and gn_groups must be positive")
         if self.bit_penalty < 0 or not self.blowup_factor > 1 or self.max_rollbacks < 1:
             raise SrquantError("Granular-DQ needs bit_penalty >= 0, blowup_factor > 1 and max_rollbacks >= 1")
+        if self.target_fab is not None and not min(self.act_bits) <= self.target_fab <= max(self.act_bits):
+            raise SrquantError(
+                f"Granular-DQ target_fab must lie within act_bits [{min(self.act_bits)}, {max(self.act_bits)}], "
+                f"got {self.target_fab}"
+            )
+        if self.budget_weight < 0 or (self.controller_lr is not None and not self.controller_lr > 0):
+            raise SrquantError("Granular-DQ needs budget_weight >= 0 and a positive controller_lr")
         if self.atc and not self.e2b:
             raise SrquantError("Granular-DQ ATC calibrates E2B's thresholds: e2b=False needs atc=False")
         if self.fixed_bits is not None and (isinstance(self.fixed_bits, bool) or self.fixed_bits not in self.act_bits):

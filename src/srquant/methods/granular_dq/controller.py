@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from srquant.errors import SrquantError
+from srquant.methods.controls import check_histogram, content_uniform, draw_from_histogram
 from srquant.methods.granular_dq.config import GranularDQConfig
 from srquant.methods.granular_dq.entropy import patch_entropy
 from srquant.models.layout import QuantLayout
@@ -48,11 +50,14 @@ class GranularityBitController(nn.Module):
             self.fc.bias.uniform_(-bound, bound, generator=init)
         self.register_buffer("thresholds", torch.tensor([0.0, math.inf]))
         self.register_buffer("atc_updates", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("bit_price", torch.tensor(0.0))  # set by `calibrate_bit_price` for a bit budget
         self.generator = torch.Generator().manual_seed(config.seed)
         self.stochastic: bool | None = None
         self.last_bits: torch.Tensor | None = None
         self.last_gbc_bits: torch.Tensor | None = None
         self.last_expected_bits: torch.Tensor | None = None
+        self.random_shares: dict[int, float] | None = None  # set on a random control (`randomized`)
+        self.random_seed = 0
 
     def get_extra_state(self) -> dict[str, object]:
         """Layer names, bit codes and switches travel with the state: a reload gives the same bits or fails."""
@@ -74,6 +79,17 @@ class GranularityBitController(nn.Module):
         self.use_atc = bool(state.get("use_atc", True))
         fixed = state.get("fixed_bits")
         self.fixed_bits = None if fixed is None else int(fixed)  # type: ignore[call-overload]
+
+    def randomized(self, shares: Mapping[int, float], seed: int = 0) -> GranularityBitController:
+        """The random control: each patch's bit drawn with `shares` ({bit: share}, e.g. what this controller gave
+        a dataset) from a hash of the patch's content; same histogram, no content-driven choice; deterministic."""
+        bad = sorted(set(shares) - set(self.gbc_bits) - set(self.e2b_bits))
+        if bad:
+            raise SrquantError(f"random control bits {bad} are not among this controller's bits")
+        control = copy.deepcopy(self)
+        control.random_shares = check_histogram(shares)
+        control.random_seed = seed
+        return control.eval()
 
     def reseed(self, seed: int) -> None:
         """Restart the Gumbel noise sequence."""
@@ -117,6 +133,30 @@ class GranularityBitController(nn.Module):
         self.thresholds.copy_(q)
 
     @torch.no_grad()
+    def calibrate_bit_price(self, feat: torch.Tensor, lr: torch.Tensor, target_fab: float) -> float:
+        """The smallest price per bit at which the deterministic bits of these patches average at most
+        `target_fab` (bisection; FAB falls as the price rises); sets and returns it."""
+        was_training = self.training
+        self.eval()
+
+        def fab(price: float) -> float:
+            self.bit_price.fill_(price)
+            return float(self(feat, lr)[0].double().mean())
+
+        low, high = 0.0, 1.0
+        if fab(low) > target_fab:
+            while fab(high) > target_fab and high < 1e6:
+                high *= 2
+            for _ in range(40):
+                middle = (low + high) / 2
+                low, high = (middle, high) if fab(middle) > target_fab else (low, middle)
+        else:
+            high = 0.0
+        self.bit_price.fill_(high)
+        self.train(was_training)
+        return high
+
+    @torch.no_grad()
     def atc_update(self, entropies: torch.Tensor) -> None:
         """ATC: one EMA step of each threshold towards the batch entropy quantile at the same probability."""
         q = torch.quantile(entropies.float(), torch.tensor(self.quantiles, device=entropies.device))
@@ -131,17 +171,25 @@ class GranularityBitController(nn.Module):
             bits = torch.full((feat.shape[0],), self.fixed_bits, dtype=torch.int64, device=feat.device)
             self.last_gbc_bits, self.last_bits, self.last_expected_bits = bits, bits, bits.float()
             return bits, torch.ones(bits.shape[0], 1, device=feat.device), bits[:, None]
-        onehot = self.choose(self.logits(feat))
-        codes = torch.tensor(self.gbc_bits, dtype=onehot.dtype, device=onehot.device)
-        index = onehot.detach().argmax(dim=-1)
-        gbc = codes[index].to(torch.int64)
-        alternatives = codes.to(torch.int64).expand(onehot.shape[0], -1).clone()
+        if self.random_shares is not None:  # random control: the bits by chance, in the given proportions
+            u = content_uniform(lr, self.random_seed)
+            bits = draw_from_histogram(u, self.random_shares).to(feat.device)
+            self.last_gbc_bits, self.last_bits, self.last_expected_bits = bits, bits, bits.float()
+            return bits, torch.ones(bits.shape[0], 1, device=feat.device), bits[:, None]
+        logits = self.logits(feat)
+        codes = torch.tensor(self.gbc_bits, dtype=logits.dtype, device=logits.device)
+        alternatives = codes.to(torch.int64).expand(logits.shape[0], -1).clone()
         top_code = len(self.gbc_bits) - 1 - list(reversed(self.gbc_bits)).index(max(self.gbc_bits))
         if self.use_e2b:
             alternatives[:, top_code] = self.e2b(patch_entropy(lr, self.bins, self.sigma).to(feat.device))
+        # srquant's bit price (0 unless a bit budget was calibrated): each code's logit pays for the bit it runs.
+        onehot = self.choose(logits - self.bit_price * alternatives.to(logits.dtype))
+        index = onehot.detach().argmax(dim=-1)
+        gbc = codes.to(torch.int64)[index]
         bits = alternatives.gather(1, index[:, None]).squeeze(1)
         self.last_gbc_bits, self.last_bits = gbc, bits
-        self.last_expected_bits = (onehot * codes).sum(dim=-1)  # hard value, soft-probability gradient
+        # The bit each patch runs at (E2B's for the top code): hard value, soft-probability gradient.
+        self.last_expected_bits = (onehot * alternatives.to(onehot.dtype)).sum(dim=-1)
         return bits, onehot, alternatives
 
 

@@ -194,6 +194,13 @@ class PatchwiseBitsModel(nn.Module):
         self._last: tuple[torch.Tensor, list[PatchBit]] | None = None
         self.train(network.training)  # a wrapper of an eval-mode network is in eval mode too
 
+    def use_controller(self, controller: GranularityBitController) -> None:
+        """Run with another controller (e.g. `controller.randomized(...)`, the random control) from now on."""
+        self.attachment.detach(self.network, self.controller)
+        self.controller = controller
+        self.attachment = attach_controller(self.network, controller, self.head)
+        self._last = None
+
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         outputs = []
         for image in lr.split(1):

@@ -117,6 +117,30 @@ class GranularDQResult:
     stopped_early: bool = False
     calib_seconds: float = 0.0
     seconds: float = 0.0
+    bit_price: float = 0.0
+
+
+class _HeadCaptured(Exception):
+    """Ends a forward pass once the head conv's output is captured."""
+
+
+@torch.no_grad()
+def head_features(model: nn.Module, head: str, lr: torch.Tensor) -> torch.Tensor:
+    """The head conv's output for LR patches (what the controller reads), without running the rest."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        captured.append(out)
+        raise _HeadCaptured
+
+    handle = model.get_submodule(head).register_forward_hook(hook)
+    try:
+        model(lr)
+    except _HeadCaptured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,6 +158,20 @@ def _task_loss(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor | None, conf
     elif hr is None:
         raise SrquantError("Granular-DQ QAT needs HR crops: draw_batch must return (lr, hr)")
     return F.l1_loss(model(lr), hr)
+
+
+def bit_cost(controller: GranularityBitController, config: GranularDQConfig) -> torch.Tensor | float:
+    """The bit terms of the loss for the last batch: `bit_penalty` * mean bit / 8, and the budget
+    `budget_weight` * max(mean bit - target_fab, 0); 0 for a fixed bit or before any batch."""
+    expected = controller.last_expected_bits
+    if controller.fixed_bits is not None or expected is None:
+        return 0.0
+    cost: torch.Tensor | float = 0.0
+    if config.bit_penalty:
+        cost = cost + config.bit_penalty * expected.mean() / 8
+    if config.target_fab is not None:
+        cost = cost + config.budget_weight * (expected.mean() - config.target_fab).clamp_min(0)
+    return cost
 
 
 def _trainable(model: nn.Module, controller: GranularityBitController, config: GranularDQConfig) -> list[nn.Parameter]:
@@ -172,15 +210,22 @@ def run_granular_dq(
     sizes = [min(config.calib_batch, config.calib_count - i) for i in range(0, config.calib_count, config.calib_batch)]
     calib = [_split(draw_batch(n))[0] for n in sizes]
     calibrate_granular(model, controller, calib, config)
+    test_sized = calib
     if draw_entropy_batch is not None:
-        ent = [_split(draw_entropy_batch(n))[0] for n in sizes]
-        controller.calibrate_thresholds(torch.cat([patch_entropy(b, controller.bins, controller.sigma) for b in ent]))
+        test_sized = [_split(draw_entropy_batch(n))[0] for n in sizes]
+        entropies = torch.cat([patch_entropy(b, controller.bins, controller.sigma) for b in test_sized])
+        controller.calibrate_thresholds(entropies)
     attachment = attach_controller(model, controller, head)
     result = GranularDQResult(controller, attachment, report, spec, tuple(names), head, config)
     result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
     result.calib_seconds = time.perf_counter() - start
     _train(model, controller, draw_batch, config, result, progress)
     controller.eval()
+    if config.target_fab is not None and controller.fixed_bits is None:
+        patches = torch.cat(test_sized)
+        result.bit_price = controller.calibrate_bit_price(
+            head_features(model, head, patches), patches, config.target_fab
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -197,7 +242,12 @@ def _train(
     if config.iterations == 0:
         return
     trainable = _trainable(model, controller, config)
-    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas)
+    mine = {id(p) for p in controller.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in mine], "lr": config.lr}]
+    if any(id(p) in mine for p in trainable):
+        controller_lr = config.controller_lr or config.lr
+        groups.append({"params": [p for p in trainable if id(p) in mine], "lr": controller_lr})
+    optimizer = torch.optim.Adam(groups, betas=config.betas)
     generator = torch.Generator().manual_seed(config.seed)
     controller.reseed(config.seed)
     controller.eval()  # the guard's history: the calibrated model's own spread, at deterministic bits
@@ -224,8 +274,7 @@ def _train(
                     controller.atc_update(patch_entropy(lr, controller.bins, controller.sigma))
                 task = _task_loss(model, lr, hr, config)
                 loss = task
-                if config.bit_penalty and controller.fixed_bits is None and controller.last_expected_bits is not None:
-                    loss = loss + config.bit_penalty * controller.last_expected_bits.mean() / 8
+                loss = loss + bit_cost(controller, config)
                 value, task_value = float(loss.detach()), float(task.detach())
                 if not guard.admit(value, f"step {step}", optimizer, monitored=task_value):
                     if guard.stopped:
