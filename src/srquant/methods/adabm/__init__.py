@@ -124,7 +124,7 @@ def run_adabm(
     calibrate_adabm(network, controller, calib, config)
     allocation = None
     if config.allocation == "measured" and (controller.layer2bit or controller.image2bit):
-        crops, n = torch.cat(calib), config.sensitivity_crops  # the config ensures 2n <= calib_count
+        crops, n = torch.cat(calib), config.scoring_crops  # the config ensures 2n <= calib_count
         allocation = measured_allocation(network, controller, crops[:n], crops[n : 2 * n])
     model = AdaptiveBitsModel(network, controller)
     if config.bit_aware_clipping:

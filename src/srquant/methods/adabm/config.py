@@ -37,22 +37,30 @@ class AdaBMConfig:
     image2bit: bool = True  # ablation: False fixes b_img = 0 (thresholds not calibrated, not trained)
     layer2bit: bool = True  # ablation: False fixes b_layer = 0 (layer measures not calibrated, not trained)
     allocation: str = "paper"  # "paper": std and complexity measures; "measured": +-1-bit output errors (srquant)
-    sensitivity_crops: int = 16  # calibration crops the measured allocation scores on (and as many to check on)
+    sensitivity_crops: int | None = None  # crops the measured allocation scores on (and as many to check on);
+    # None: half the calibration crops, at most 16
     augment: bool = True
     seed: int = 0
     blowup_factor: float = 4.0
     max_rollbacks: int = 5
     guard_seed_batches: int = 8
 
+    @property
+    def scoring_crops(self) -> int:
+        """Calibration crops the measured allocation scores on: the configured count, else half of them (<= 16)."""
+        if self.sensitivity_crops is not None:
+            return self.sensitivity_crops
+        return max(1, min(16, self.calib_count // 2))
+
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
             raise SrquantError(f"AdaBM allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.sensitivity_crops < 1:
+        if self.sensitivity_crops is not None and self.sensitivity_crops < 1:
             raise SrquantError(f"AdaBM sensitivity_crops must be positive, got {self.sensitivity_crops}")
-        if self.allocation == "measured" and 2 * self.sensitivity_crops > self.calib_count:
+        if self.allocation == "measured" and 2 * self.scoring_crops > self.calib_count:
             raise SrquantError(
                 f"AdaBM's measured allocation scores on sensitivity_crops and checks on as many held-out ones: "
-                f"calib_count {self.calib_count} < 2 x {self.sensitivity_crops}"
+                f"calib_count {self.calib_count} < 2 x {self.scoring_crops}"
             )
         for name in ("bit_aware_clipping", "image2bit", "layer2bit", "augment"):
             if not isinstance(getattr(self, name), bool):

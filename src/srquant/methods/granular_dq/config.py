@@ -35,6 +35,7 @@ class GranularDQConfig:
     bit_penalty: float = 0.0
     target_fab: float | None = None  # srquant's bit budget: a price per bit calibrated after training to meet it
     budget_weight: float = 0.0  # optional training term: this weight x the batch's mean bit above target_fab
+    price_lr: float = 0.05  # with target_fab: the bit price's step per bit of excess per training batch
     controller_lr: float | None = None  # the controller's own Adam rate (None: lr)
     calib_count: int = 256
     calib_batch: int = 16
@@ -86,8 +87,9 @@ class GranularDQConfig:
                 f"Granular-DQ target_fab must lie within act_bits [{min(self.act_bits)}, {max(self.act_bits)}], "
                 f"got {self.target_fab}"
             )
-        if self.budget_weight < 0 or (self.controller_lr is not None and not self.controller_lr > 0):
-            raise SrquantError("Granular-DQ needs budget_weight >= 0 and a positive controller_lr")
+        bad_lr = self.controller_lr is not None and not self.controller_lr > 0
+        if self.price_lr < 0 or self.budget_weight < 0 or bad_lr:
+            raise SrquantError("Granular-DQ needs price_lr >= 0, budget_weight >= 0 and a positive controller_lr")
         if self.atc and not self.e2b:
             raise SrquantError("Granular-DQ ATC calibrates E2B's thresholds: e2b=False needs atc=False")
         if self.fixed_bits is not None and (isinstance(self.fixed_bits, bool) or self.fixed_bits not in self.act_bits):

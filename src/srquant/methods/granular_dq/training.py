@@ -287,6 +287,11 @@ def _train(
                 result.losses.append(value)
                 if controller.last_bits is not None:
                     result.mean_bits.append(float(controller.last_bits.float().mean()))
+                    if config.target_fab is not None and controller.fixed_bits is None:
+                        # The bit price rises while the batch's bits run above the budget and falls below it, so
+                        # the network and its step sizes train on the bit mix they will be tested with.
+                        excess = result.mean_bits[-1] - config.target_fab
+                        controller.bit_price.add_(config.price_lr * excess).clamp_(min=0.0)
                 result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
                 bar.set_postfix(loss=f"{value:.4f}")
         controller.eval()
