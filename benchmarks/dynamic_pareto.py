@@ -10,8 +10,10 @@ as `srquant eval` does:
   preset), `paper` (AdaBM's own std/complexity allocation), `fixed` (`--no-adapt`: same quantizers, calibration,
   bit-aware clipping and fine-tuning at the base) and `random` (the `adaptive` checkpoint with its layer offsets
   shuffled and each image's offset drawn with the shares it gave that dataset).
-- Granular-DQ, 8-bit weights: `budget4.5`, `budget5`, `budget5.5` (`--target-fab`), `fixed4`, `fixed5`, `fixed6`
-  (`--no-adapt --abits B`), and for each budget a `random` twin with the patch-bit shares it gave that dataset.
+- Granular-DQ, 8-bit weights: `budget4.5`, `budget5`, `budget5.5` (`--target-fab F --allocation measured`:
+  srquant's measured allocation), `gbc4.5`, `gbc5` (`--target-fab F` on the paper's controller, trained through
+  the L1 loss with the bit price), `fixed4`, `fixed5`, `fixed6` (`--no-adapt --abits B`), and for each budget a
+  `random` twin with the patch-bit shares it gave that dataset.
 Weights: per output channel for AdaBM (per channel measured better on every W4A4 PTQ cell,
 docs/results/ptq_granularity.md), per tensor for Granular-DQ's 8-bit LSQ weights (as its paper).
 Results: docs/results/dynamic.json (resumable), dynamic_cpu.md and dynamic_<network>.png.
@@ -58,9 +60,12 @@ def quantize_cell(name: str, method: str, variant: str, assets: str | None, path
             name, SCALE, "adabm", w_bits, a_bits, assets=assets, device="cpu", weight_granularity="channel", **extra
         )
     else:
-        if variant.startswith("budget"):
-            target = float(variant.removeprefix("budget"))
-            result = api.quantize(name, SCALE, "granular-dq", 8, 8, assets=assets, device="cpu", target_fab=target)
+        if variant.startswith(("budget", "gbc")):
+            target = float(variant.removeprefix("budget").removeprefix("gbc"))
+            allocation = "measured" if variant.startswith("budget") else "paper"
+            result = api.quantize(
+                name, SCALE, "granular-dq", 8, 8, assets=assets, device="cpu", target_fab=target, allocation=allocation
+            )
         else:
             bits = int(variant.removeprefix("fixed"))
             result = api.quantize(name, SCALE, "granular-dq", 8, bits, assets=assets, device="cpu", no_adapt=True)
@@ -201,12 +206,12 @@ def fixed_line(done: dict, name: str, method: str, dataset: str, fab: float) -> 
 
 def _verdicts(done: dict, name: str, method: str, variant: str, datasets: list[str]) -> tuple[str, str]:
     """`vs fixed` and `vs random` cells of an adaptive row (`-` for controls)."""
-    if not (variant in ("adaptive", "paper") or variant.startswith("budget")):
+    if not (variant in ("adaptive", "paper") or variant.startswith(("budget", "gbc"))):
         return "-", "-"
     cell = done[f"{name}|{method}|{variant}"]
     fixed, random = [], []
     twin = "random" if method in ADABM_BASES else "random" + variant.removeprefix("budget")
-    control = done.get(f"{name}|{method}|{twin}") if variant != "paper" else None
+    control = done.get(f"{name}|{method}|{twin}") if variant != "paper" and not variant.startswith("gbc") else None
     for d in datasets:
         s = cell["scores"].get(d)
         line = fixed_line(done, name, method, d, s["fab"]) if s else None
@@ -242,7 +247,7 @@ def _plot(done: dict, name: str, datasets: list[str]) -> None:
                     else "random"
                     if variant.startswith("random")
                     else "paper"
-                    if variant == "paper"
+                    if variant == "paper" or variant.startswith("gbc")
                     else "adaptive"
                 )
                 marker, colour = styles[kind]

@@ -509,7 +509,7 @@ def upscale_file(
         write_image(dst, upscale_image(model, image, tile, overlap=overlap))
         return dst
     lr = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)  # uint8: float per tile
-    strips = (to_uint8(_finite(strip, str(src))) for _, strip in upscale_strips(model, lr, tile, overlap))
+    strips = (to_uint8(_finite(s, str(src)), in_place=True) for _, s in upscale_strips(model, lr, tile, overlap))
     if dst.suffix.lower() == ".png":
         write_png_strips(dst, height * scale, width * scale, strips)
     else:

@@ -184,7 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument(
         "--target-fab",
         type=float,
-        help="granular-dq: the mean activation bit its controller is trained towards (a bit-budget term)",
+        help="granular-dq: the mean activation bit the patch bits must meet (a bit price calibrated after training)",
+    )
+    qz.add_argument(
+        "--allocation",
+        choices=("paper", "measured"),
+        help="adabm, granular-dq: the paper's bit allocation, or srquant's from measured output errors per bit "
+        "(default: the preset's)",
     )
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     qz.add_argument(
@@ -320,6 +326,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "target_fab": args.target_fab,
+        "allocation": args.allocation,
     }
     result = api.quantize(
         args.model,

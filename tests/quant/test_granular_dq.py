@@ -31,7 +31,7 @@ from srquant.methods.granular_dq import (
     run_granular_dq,
     upscale_patchwise,
 )
-from srquant.methods.granular_dq.training import bit_cost, head_features
+from srquant.methods.granular_dq.training import bit_cost, budget_shares, head_features, patch_errors
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import build_model, get_entry
 from srquant.quant.accounting import ops_report
@@ -493,3 +493,65 @@ def test_a_target_fab_calibrates_a_bit_price_that_meets_it_on_the_calibration_pa
         if price > 0:
             controller.bit_price.fill_(price * 0.9)
             assert float(controller(features, patches)[0].double().mean()) > 4.5
+
+
+def test_measured_allocation_needs_a_budget_and_drops_e2b() -> None:
+    with pytest.raises(SrquantError, match="target_fab"):
+        dataclasses.replace(SMALL, allocation="measured")
+    config = dataclasses.replace(SMALL, allocation="measured", target_fab=5.0)
+    controller = GranularityBitController(["a"], 8, config)
+    assert controller.gbc_bits == tuple(sorted(config.act_bits)) and not controller.use_e2b
+    assert controller.get_extra_state()["measured"] is True
+
+
+def test_the_distortion_fit_recovers_which_patches_lose_most_at_few_bits() -> None:
+    config = dataclasses.replace(SMALL, allocation="measured", target_fab=5.0, grids=(1,))
+    controller = GranularityBitController(["a"], 8, config).eval()
+    gen = torch.Generator().manual_seed(3)
+    feat = torch.randn(200, 8, 4, 4, generator=gen)
+    pooled = torch.cat(controller.granularity_features(feat), dim=1)
+    texture = pooled[:, 0] - pooled[:, 1]  # a hidden "content" direction: some patches need bits more than others
+    bits = torch.tensor(controller.gbc_bits, dtype=torch.float64)
+    log_errors = -0.7 * bits[None, :] + (1.5 + 0.1 * bits[None, :]) * texture[:, None].double() - 2.0
+    held_out = controller.fit_distortion(feat, log_errors.exp())
+    assert held_out < 0.01
+    with torch.no_grad():
+        predicted = -controller.logits(feat)
+    assert torch.allclose(predicted.double().log(), log_errors, atol=0.2)
+    controller.calibrate_bit_price(feat, torch.rand(200, 3, 8, 8, generator=gen), 5.0)
+    with torch.no_grad():
+        chosen = controller(feat, torch.rand(200, 3, 8, 8, generator=gen))[0].double()
+    assert chosen.mean() <= 5.0 and len(set(chosen.tolist())) > 1  # content decides, within the budget
+    order = texture.argsort()
+    low, high = chosen[order[:50]].mean(), chosen[order[-50:]].mean()
+    assert high > low  # the patches whose error grows most get the bits
+
+
+def test_a_measured_run_trains_every_bit_fits_the_controller_and_meets_the_budget() -> None:
+    config = dataclasses.replace(SMALL, allocation="measured", target_fab=5.0, distortion_count=8)
+    model, result = _trained(config=config)
+    assert set(result.mean_bits) and min(result.mean_bits) < max(result.mean_bits)  # random bits while training
+    assert result.distortion_fit is not None and math.isfinite(result.distortion_fit)
+    patches = _crops(8, torch.Generator().manual_seed(5))
+    errors = patch_errors(model, result.controller, [patches])
+    assert errors.shape == (8, len(result.controller.gbc_bits)) and bool((errors >= 0).all())
+    assert float(errors[:, 0].mean()) > float(errors[:, -1].mean())  # 4 bits err more than 8
+    with torch.no_grad():
+        model(patches)
+    bits = result.controller.last_bits
+    assert bits is not None and set(bits.tolist()) <= set(result.controller.gbc_bits)
+    again = GranularityBitController(result.layers, result.controller.fc.in_features // 21, config)
+    again.load_state_dict(result.controller.state_dict())
+    assert again.measured and torch.equal(again.bit_price, result.controller.bit_price)
+
+
+def test_training_shares_for_a_budget_have_that_mean_and_spread_over_every_bit() -> None:
+    for mean in (4.5, 5.0, 6.5):
+        shares = budget_shares((4, 5, 6, 8), mean)
+        assert math.isclose(sum(shares.values()), 1.0, abs_tol=1e-9)
+        assert math.isclose(sum(b * p for b, p in shares.items()), mean, abs_tol=1e-6)
+        assert all(p > 0 for p in shares.values())
+    low, high = budget_shares((4, 5, 6, 8), 4.5), budget_shares((4, 5, 6, 8), 6.5)
+    assert low[4] > high[4] and low[8] < high[8]
+    with pytest.raises(SrquantError, match="outside"):
+        budget_shares((4, 5, 6, 8), 9.0)

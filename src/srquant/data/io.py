@@ -149,13 +149,16 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
-def to_uint8(tensor: torch.Tensor) -> np.ndarray:
-    """1x3xHxW (or 3xHxW) float in [0, 1] -> HxWx3 uint8, clamped and rounded as the benchmarks do."""
+def to_uint8(tensor: torch.Tensor, in_place: bool = False) -> np.ndarray:
+    """1x3xHxW (or 3xHxW) float in [0, 1] -> HxWx3 uint8, clamped and rounded as the benchmarks do; `in_place`
+    reuses the tensor's memory for the intermediate steps (for large strips that are not needed afterwards)."""
     if tensor.dim() == 4:
         if tensor.shape[0] != 1:
             raise ValueError("to_uint8 takes one image")
         tensor = tensor[0]
-    return tensor.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    tensor = tensor.detach()
+    scaled = tensor.clamp_(0, 1).mul_(255.0).round_() if in_place else tensor.clamp(0, 1).mul(255.0).round()
+    return scaled.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:

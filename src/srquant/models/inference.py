@@ -75,7 +75,8 @@ def upscale_strips(
     model: nn.Module, lr: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Tiled inference on a 1x3xHxW (or 3xHxW) LR image in [0, 1] or uint8, yielding finished output strips
-    `(first output row, 1x3xRxW' float strip)` top to bottom. The LR image is converted to float tile by tile."""
+    `(first output row, 1x3xRxW' float strip)` top to bottom. The LR image is converted to float tile by tile.
+    Each strip is the caller's to change in place (e.g. while converting it to uint8)."""
     check_tiling(tile, overlap)
     if not getattr(model, "supports_tiling", True):
         raise SrquantError(f"{type(model).__name__} runs patch-wise by itself: --tile does not apply")
@@ -112,7 +113,8 @@ def upscale_strips(
             weight[..., rows, cols] += 1.0
         finished = (firsts[index + 1] - done) * scale
         if finished > 0:
-            yield done * scale, acc[..., :finished, :] / weight[..., :finished, :]
+            # Divided in place: the emitted strip is a view of the accumulator's rows, which are not used again.
+            yield done * scale, acc[..., :finished, :].div_(weight[..., :finished, :])
             acc, weight = acc[..., finished:, :], weight[..., finished:, :]
             done = firsts[index + 1]
 

@@ -186,6 +186,8 @@ class GranularDQ(Method):
             "crop": crop,
             "entropy_patch": entropy_patch,
             "entropy_count": config.calib_count,
+            "bit_price": result.bit_price,
+            "distortion_fit": result.distortion_fit,
         }
         state = checkpoint_state(model, result)
         return MethodRun(

@@ -37,6 +37,11 @@ class GranularDQConfig:
     budget_weight: float = 0.0  # optional training term: this weight x the batch's mean bit above target_fab
     price_lr: float = 0.05  # with target_fab: the bit price's step per bit of excess per training batch
     controller_lr: float | None = None  # the controller's own Adam rate (None: lr)
+    # "paper": GBC learns its logits through the L1 loss; "measured" (srquant): the network trains with uniformly
+    # random patch bits, then GBC's linear layer is fitted to each patch's measured output error at every bit and
+    # the bit price is calibrated to target_fab (E2B and ATC do not apply).
+    allocation: str = "paper"
+    distortion_count: int = 96  # measured allocation: test-sized patches whose per-bit errors GBC is fitted to
     calib_count: int = 256
     calib_batch: int = 16
     augment: bool = True
@@ -90,6 +95,12 @@ class GranularDQConfig:
         bad_lr = self.controller_lr is not None and not self.controller_lr > 0
         if self.price_lr < 0 or self.budget_weight < 0 or bad_lr:
             raise SrquantError("Granular-DQ needs price_lr >= 0, budget_weight >= 0 and a positive controller_lr")
+        if self.allocation not in ("paper", "measured"):
+            raise SrquantError(f"Granular-DQ allocation must be 'paper' or 'measured', got {self.allocation!r}")
+        if self.allocation == "measured" and self.fixed_bits is None and self.target_fab is None:
+            raise SrquantError("Granular-DQ's measured allocation needs a bit budget: set target_fab (--target-fab)")
+        if self.distortion_count < 8:
+            raise SrquantError(f"Granular-DQ distortion_count must be at least 8, got {self.distortion_count}")
         if self.atc and not self.e2b:
             raise SrquantError("Granular-DQ ATC calibrates E2B's thresholds: e2b=False needs atc=False")
         if self.fixed_bits is not None and (isinstance(self.fixed_bits, bool) or self.fixed_bits not in self.act_bits):

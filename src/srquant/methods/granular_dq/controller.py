@@ -31,14 +31,17 @@ class GranularityBitController(nn.Module):
     def __init__(self, layer_names: Sequence[str], channels: int, config: GranularDQConfig) -> None:
         super().__init__()
         self.layer_names = tuple(layer_names)
-        self.gbc_bits = tuple(config.gbc_bits)
+        # Measured allocation: one code per candidate bit, whose output is the patch's predicted error at it.
+        self.measured = config.allocation == "measured"
+        self.gbc_bits = tuple(sorted(config.act_bits)) if self.measured else tuple(config.gbc_bits)
         self.e2b_bits = tuple(config.e2b_bits)
         self.grids = tuple(config.grids)
         self.tau = config.tau
         self.bins, self.sigma = config.entropy_bins, config.entropy_sigma
         self.quantiles = tuple(config.e2b_quantiles)
         self.atc_gamma = config.atc_gamma
-        self.use_e2b, self.use_atc, self.fixed_bits = config.e2b, config.atc, config.fixed_bits
+        self.use_e2b, self.use_atc = config.e2b and not self.measured, config.atc and not self.measured
+        self.fixed_bits = config.fixed_bits
         # At least 2 channels per group, so the 1x1 granularity (and a batch of one patch) is normalisable.
         groups = max([d for d in range(1, config.gn_groups + 1) if channels % d == 0 and channels // d >= 2] or [1])
         self.norms = nn.ModuleList(nn.GroupNorm(groups, channels) for _ in self.grids)
@@ -68,6 +71,7 @@ class GranularityBitController(nn.Module):
             "use_e2b": self.use_e2b,
             "use_atc": self.use_atc,
             "fixed_bits": self.fixed_bits,
+            "measured": self.measured,
         }
 
     def set_extra_state(self, state: dict[str, object]) -> None:
@@ -79,6 +83,7 @@ class GranularityBitController(nn.Module):
         self.use_atc = bool(state.get("use_atc", True))
         fixed = state.get("fixed_bits")
         self.fixed_bits = None if fixed is None else int(fixed)  # type: ignore[call-overload]
+        self.measured = bool(state.get("measured", False))
 
     def randomized(self, shares: Mapping[int, float], seed: int = 0) -> GranularityBitController:
         """The random control: each patch's bit drawn with `shares` ({bit: share}, e.g. what this controller gave
@@ -100,8 +105,39 @@ class GranularityBitController(nn.Module):
         return [norm(F.adaptive_avg_pool2d(feat, g)).flatten(1) for g, norm in zip(self.grids, self.norms, strict=True)]
 
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
-        """GBC logits over `gbc_bits` from the head-conv features."""
-        return self.fc(torch.cat(self.granularity_features(feat), dim=1))
+        """GBC logits over `gbc_bits` from the head-conv features; measured allocation: minus the predicted
+        output error at each bit (its linear layer predicts the log of that error)."""
+        raw = self.fc(torch.cat(self.granularity_features(feat), dim=1))
+        return -torch.exp(raw.clamp(max=30.0)) if self.measured else raw
+
+    @torch.no_grad()
+    def fit_distortion(self, feat: torch.Tensor, errors: torch.Tensor, held_out: float = 0.25) -> float:
+        """Fit the linear layer by ridge regression to log(errors) (N, len(gbc_bits)) from the head features
+        `feat`; the ridge strength is the one that predicts a held-out share of the patches best. Returns the
+        held-out mean squared error of the predicted log errors at that strength."""
+        if errors.shape != (feat.shape[0], len(self.gbc_bits)):
+            raise SrquantError(f"distortion fit needs errors of shape (N, {len(self.gbc_bits)}), got {errors.shape}")
+        x = torch.cat(self.granularity_features(feat), dim=1).double().cpu()
+        y = errors.double().clamp_min(1e-12).log().cpu()
+        n_fit = max(2, int(round(x.shape[0] * (1 - held_out))))
+
+        def solve(xs: torch.Tensor, ys: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+            mean_x, mean_y = xs.mean(0), ys.mean(0)
+            xc = xs - mean_x
+            gram = xc.T @ xc + alpha * torch.eye(xs.shape[1], dtype=xs.dtype)
+            weight = torch.linalg.solve(gram, xc.T @ (ys - mean_y))
+            return weight, mean_y - mean_x @ weight
+
+        scale = float((x[:n_fit] - x[:n_fit].mean(0)).pow(2).sum()) / x.shape[1] + 1e-12
+        scores = {}
+        for alpha in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0):
+            weight, bias = solve(x[:n_fit], y[:n_fit], alpha * scale)
+            scores[alpha] = float((x[n_fit:] @ weight + bias - y[n_fit:]).pow(2).mean())
+        alpha = min(scores, key=scores.__getitem__)
+        weight, bias = solve(x, y, alpha * scale)
+        self.fc.weight.copy_(weight.T.to(self.fc.weight))
+        self.fc.bias.copy_(bias.to(self.fc.bias))
+        return scores[alpha]
 
     def is_stochastic(self) -> bool:
         """Gumbel sampling in training mode unless overridden by `stochastic`."""
@@ -112,9 +148,10 @@ class GranularityBitController(nn.Module):
         if self.is_stochastic():
             u = torch.rand(logits.shape, generator=self.generator).to(logits.device).clamp(1e-10, 1 - 1e-10)
             soft = F.softmax((logits - torch.log(-torch.log(u))) / self.tau, dim=-1)
-        else:
+            hard = F.one_hot(soft.argmax(dim=-1), len(self.gbc_bits)).to(soft.dtype)
+        else:  # argmax of the logits themselves: softmax keeps the order but can round close logits to ties
             soft = F.softmax(logits / self.tau, dim=-1)
-        hard = F.one_hot(soft.argmax(dim=-1), len(self.gbc_bits)).to(soft.dtype)
+            hard = F.one_hot(logits.argmax(dim=-1), len(self.gbc_bits)).to(soft.dtype)
         return straight_through(soft, hard)
 
     def e2b(self, entropy: torch.Tensor) -> torch.Tensor:

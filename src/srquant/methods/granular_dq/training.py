@@ -118,6 +118,7 @@ class GranularDQResult:
     calib_seconds: float = 0.0
     seconds: float = 0.0
     bit_price: float = 0.0
+    distortion_fit: float | None = None  # measured allocation: held-out MSE of the predicted log errors
 
 
 class _HeadCaptured(Exception):
@@ -143,6 +144,54 @@ def head_features(model: nn.Module, head: str, lr: torch.Tensor) -> torch.Tensor
     return captured[0]
 
 
+def budget_shares(bits: Sequence[int], mean: float) -> dict[int, float]:
+    """The most spread-out (maximum-entropy) shares over `bits` whose mean bit is `mean`: p_b ~ exp(-theta b)."""
+    values = torch.tensor(sorted(bits), dtype=torch.float64)
+    if not float(values[0]) <= mean <= float(values[-1]):
+        raise SrquantError(f"a mean bit of {mean} is outside {sorted(bits)}")
+
+    def shares(theta: float) -> torch.Tensor:
+        return torch.softmax(-theta * values, dim=0)
+
+    low, high = -50.0, 50.0  # the mean falls as theta rises
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(shares(middle) @ values) > mean else (low, middle)
+    return {int(b): float(p) for b, p in zip(values.tolist(), shares((low + high) / 2).tolist(), strict=True)}
+
+
+@torch.no_grad()
+def patch_errors(
+    model: nn.Module, controller: GranularityBitController, batches: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Each patch's mean squared output error against the FP network at every candidate bit (N, n_bits)."""
+    was_fixed, errors = controller.fixed_bits, []
+    controller.eval()
+    try:
+        for lr in batches:
+            with fp_mode(model):
+                reference = model(lr)
+            row = []
+            for bit in controller.gbc_bits:
+                controller.fixed_bits = bit
+                row.append((model(lr) - reference).pow(2).flatten(1).mean(dim=1))
+            errors.append(torch.stack(row, dim=1))
+    finally:
+        controller.fixed_bits = was_fixed
+    return torch.cat(errors)
+
+
+def fit_measured_allocation(
+    model: nn.Module, controller: GranularityBitController, head: str, batches: Sequence[torch.Tensor]
+) -> float:
+    """Measure every patch's error at every bit and fit the controller to predict it from the head features."""
+    errors = patch_errors(model, controller, batches)
+    if not torch.isfinite(errors).all():
+        raise SrquantError("Granular-DQ's measured allocation saw a non-finite output error")
+    feat = torch.cat([head_features(model, head, lr) for lr in batches])
+    return controller.fit_distortion(feat, errors)
+
+
 def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lr, hr) from what draw_batch returned: a tensor (LR only) or an (LR, HR-or-None) pair."""
     if isinstance(batch, torch.Tensor):
@@ -164,7 +213,7 @@ def bit_cost(controller: GranularityBitController, config: GranularDQConfig) -> 
     """The bit terms of the loss for the last batch: `bit_penalty` * mean bit / 8, and the budget
     `budget_weight` * max(mean bit - target_fab, 0); 0 for a fixed bit or before any batch."""
     expected = controller.last_expected_bits
-    if controller.fixed_bits is not None or expected is None:
+    if controller.fixed_bits is not None or controller.measured or expected is None:
         return 0.0
     cost: torch.Tensor | float = 0.0
     if config.bit_penalty:
@@ -177,7 +226,8 @@ def bit_cost(controller: GranularityBitController, config: GranularDQConfig) -> 
 def _trainable(model: nn.Module, controller: GranularityBitController, config: GranularDQConfig) -> list[nn.Parameter]:
     """Quantizer steps and the controller (not for a fixed bit); in QAT mode also every model weight."""
     steps = [p for _, q in quantizers(model) for p in q.parameters()]
-    params = steps + (list(controller.parameters()) if controller.fixed_bits is None else [])
+    learned = controller.fixed_bits is None and not controller.measured  # measured: fitted after training
+    params = steps + (list(controller.parameters()) if learned else [])
     if config.loss == "qat":
         seen = set(map(id, params))
         params += [p for p in model.parameters() if id(p) not in seen]
@@ -219,7 +269,23 @@ def run_granular_dq(
     result = GranularDQResult(controller, attachment, report, spec, tuple(names), head, config)
     result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
     result.calib_seconds = time.perf_counter() - start
-    _train(model, controller, draw_batch, config, result, progress)
+    if controller.measured and controller.fixed_bits is None:
+        # Every candidate bit trains on random patches, in shares whose mean is the budget, so the network and
+        # its steps learn the bit mix they will be tested with, and every bit is ready for any patch.
+        assert config.target_fab is not None  # the config requires it for the measured allocation
+        shares = budget_shares(controller.gbc_bits, config.target_fab)
+        controller.random_shares, controller.random_seed = shares, config.seed
+        try:
+            _train(model, controller, draw_batch, config, result, progress)
+        finally:
+            controller.random_shares = None
+        draw = draw_entropy_batch or draw_batch
+        count = config.distortion_count
+        distortion = [_split(draw(min(config.calib_batch, count - i)))[0] for i in range(0, count, config.calib_batch)]
+        result.distortion_fit = fit_measured_allocation(model, controller, head, distortion)
+        test_sized = [*test_sized, *distortion]  # the price meets the budget on every test-sized patch drawn
+    else:
+        _train(model, controller, draw_batch, config, result, progress)
     controller.eval()
     if config.target_fab is not None and controller.fixed_bits is None:
         patches = torch.cat(test_sized)
@@ -287,7 +353,7 @@ def _train(
                 result.losses.append(value)
                 if controller.last_bits is not None:
                     result.mean_bits.append(float(controller.last_bits.float().mean()))
-                    if config.target_fab is not None and controller.fixed_bits is None:
+                    if config.target_fab is not None and controller.fixed_bits is None and not controller.measured:
                         # The bit price rises while the batch's bits run above the budget and falls below it, so
                         # the network and its step sizes train on the bit mix they will be tested with.
                         excess = result.mean_bits[-1] - config.target_fab
