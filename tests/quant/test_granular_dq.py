@@ -31,7 +31,13 @@ from srquant.methods.granular_dq import (
     run_granular_dq,
     upscale_patchwise,
 )
-from srquant.methods.granular_dq.training import bit_cost, budget_shares, head_features, patch_errors
+from srquant.methods.granular_dq.training import (
+    bit_cost,
+    budget_shares,
+    head_features,
+    patch_errors,
+    split_schedule,
+)
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import build_model, get_entry
 from srquant.quant.accounting import ops_report
@@ -509,10 +515,10 @@ def test_the_distortion_fit_recovers_which_patches_lose_most_at_few_bits() -> No
     controller = GranularityBitController(["a"], 8, config).eval()
     gen = torch.Generator().manual_seed(3)
     feat = torch.randn(200, 8, 4, 4, generator=gen)
-    pooled = torch.cat(controller.granularity_features(feat), dim=1)
-    texture = pooled[:, 0] - pooled[:, 1]  # a hidden "content" direction: some patches need bits more than others
+    feat = feat * torch.rand(200, 1, 1, 1, generator=gen).mul(3).exp()  # patches of different magnitudes
+    texture = controller.magnitude_features(feat)[:, 0]  # channel 0's log energy: some patches need bits more
     bits = torch.tensor(controller.gbc_bits, dtype=torch.float64)
-    log_errors = -0.7 * bits[None, :] + (1.5 + 0.1 * bits[None, :]) * texture[:, None].double() - 2.0
+    log_errors = -0.7 * bits[None, :] + (0.3 + 0.1 * bits[None, :]) * texture[:, None].double() - 2.0
     held_out = controller.fit_distortion(feat, log_errors.exp())
     assert held_out < 0.01
     with torch.no_grad():
@@ -540,7 +546,7 @@ def test_a_measured_run_trains_every_bit_fits_the_controller_and_meets_the_budge
         model(patches)
     bits = result.controller.last_bits
     assert bits is not None and set(bits.tolist()) <= set(result.controller.gbc_bits)
-    again = GranularityBitController(result.layers, result.controller.fc.in_features // 21, config)
+    again = GranularityBitController(result.layers, result.controller.channels, config)
     again.load_state_dict(result.controller.state_dict())
     assert again.measured and torch.equal(again.bit_price, result.controller.bit_price)
 
@@ -555,3 +561,13 @@ def test_training_shares_for_a_budget_have_that_mean_and_spread_over_every_bit()
     assert low[4] > high[4] and low[8] < high[8]
     with pytest.raises(SrquantError, match="outside"):
         budget_shares((4, 5, 6, 8), 9.0)
+
+
+def test_a_split_schedule_adds_up_to_the_whole_one() -> None:
+    config = dataclasses.replace(SMALL, iterations=200, lr_milestones=(80, 160), lr=1e-3, lr_gamma=0.5)
+    head, tail = split_schedule(config, 100)
+    assert (head.iterations, tail.iterations) == (100, 100)
+    assert head.lr_milestones == (80,) and tail.lr_milestones == (60,)
+    assert head.lr == 1e-3 and math.isclose(tail.lr, 5e-4) and tail.epoch_iterations == 0
+    whole, nothing = split_schedule(config, 200)
+    assert whole.lr_milestones == (80, 160) and nothing.iterations == 0

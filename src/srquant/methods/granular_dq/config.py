@@ -42,6 +42,7 @@ class GranularDQConfig:
     # the bit price is calibrated to target_fab (E2B and ATC do not apply).
     allocation: str = "paper"
     distortion_count: int = 96  # measured allocation: test-sized patches whose per-bit errors GBC is fitted to
+    allocation_warmup: float = 0.5  # measured allocation: share of the iterations on random bits before the fit
     calib_count: int = 256
     calib_batch: int = 16
     augment: bool = True
@@ -99,6 +100,8 @@ class GranularDQConfig:
             raise SrquantError(f"Granular-DQ allocation must be 'paper' or 'measured', got {self.allocation!r}")
         if self.allocation == "measured" and self.fixed_bits is None and self.target_fab is None:
             raise SrquantError("Granular-DQ's measured allocation needs a bit budget: set target_fab (--target-fab)")
+        if not 0 < self.allocation_warmup <= 1:
+            raise SrquantError(f"Granular-DQ allocation_warmup must be in (0, 1], got {self.allocation_warmup}")
         if self.distortion_count < 8:
             raise SrquantError(f"Granular-DQ distortion_count must be at least 8, got {self.distortion_count}")
         if self.atc and not self.e2b:

@@ -45,7 +45,11 @@ class GranularityBitController(nn.Module):
         # At least 2 channels per group, so the 1x1 granularity (and a batch of one patch) is normalisable.
         groups = max([d for d in range(1, config.gn_groups + 1) if channels % d == 0 and channels // d >= 2] or [1])
         self.norms = nn.ModuleList(nn.GroupNorm(groups, channels) for _ in self.grids)
-        self.fc = nn.Linear(channels * sum(g * g for g in self.grids), len(self.gbc_bits))
+        self.channels = channels
+        # Measured allocation reads each channel's log energy and log gradient energy (2 per channel): quantization
+        # error grows with activation magnitude and texture, which GroupNorm takes out of the paper's features.
+        features = 2 * channels if self.measured else channels * sum(g * g for g in self.grids)
+        self.fc = nn.Linear(features, len(self.gbc_bits))
         init = torch.Generator().manual_seed(config.seed)
         bound = 1 / math.sqrt(self.fc.in_features)
         with torch.no_grad():
@@ -104,10 +108,23 @@ class GranularityBitController(nn.Module):
         """Per granularity g: the feature average-pooled to a g x g grid, GroupNormed, flattened (B, C*g*g)."""
         return [norm(F.adaptive_avg_pool2d(feat, g)).flatten(1) for g, norm in zip(self.grids, self.norms, strict=True)]
 
+    @staticmethod
+    def magnitude_features(feat: torch.Tensor) -> torch.Tensor:
+        """Per channel, the log mean square of the features and of their differences to the right and below
+        neighbours (B, 2C): how large and how textured each channel's activations are."""
+        energy = feat.pow(2).mean(dim=(2, 3))
+        dx = (feat[..., :, 1:] - feat[..., :, :-1]).pow(2).mean(dim=(2, 3)) if feat.shape[-1] > 1 else energy * 0
+        dy = (feat[..., 1:, :] - feat[..., :-1, :]).pow(2).mean(dim=(2, 3)) if feat.shape[-2] > 1 else energy * 0
+        return torch.cat([energy.clamp_min(1e-12).log(), ((dx + dy) / 2).clamp_min(1e-12).log()], dim=1)
+
+    def controller_features(self, feat: torch.Tensor) -> torch.Tensor:
+        """What the linear layer reads: the granularity features (paper) or the magnitude features (measured)."""
+        return self.magnitude_features(feat) if self.measured else torch.cat(self.granularity_features(feat), dim=1)
+
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """GBC logits over `gbc_bits` from the head-conv features; measured allocation: minus the predicted
         output error at each bit (its linear layer predicts the log of that error)."""
-        raw = self.fc(torch.cat(self.granularity_features(feat), dim=1))
+        raw = self.fc(self.controller_features(feat))
         return -torch.exp(raw.clamp(max=30.0)) if self.measured else raw
 
     @torch.no_grad()
@@ -117,7 +134,7 @@ class GranularityBitController(nn.Module):
         held-out mean squared error of the predicted log errors at that strength."""
         if errors.shape != (feat.shape[0], len(self.gbc_bits)):
             raise SrquantError(f"distortion fit needs errors of shape (N, {len(self.gbc_bits)}), got {errors.shape}")
-        x = torch.cat(self.granularity_features(feat), dim=1).double().cpu()
+        x = self.controller_features(feat).double().cpu()
         y = errors.double().clamp_min(1e-12).log().cpu()
         n_fit = max(2, int(round(x.shape[0] * (1 - held_out))))
 

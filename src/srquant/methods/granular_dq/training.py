@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -270,30 +271,83 @@ def run_granular_dq(
     result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
     result.calib_seconds = time.perf_counter() - start
     if controller.measured and controller.fixed_bits is None:
-        # Every candidate bit trains on random patches, in shares whose mean is the budget, so the network and
-        # its steps learn the bit mix they will be tested with, and every bit is ready for any patch.
-        assert config.target_fab is not None  # the config requires it for the measured allocation
-        shares = budget_shares(controller.gbc_bits, config.target_fab)
-        controller.random_shares, controller.random_seed = shares, config.seed
-        try:
-            _train(model, controller, draw_batch, config, result, progress)
-        finally:
-            controller.random_shares = None
-        draw = draw_entropy_batch or draw_batch
-        count = config.distortion_count
-        distortion = [_split(draw(min(config.calib_batch, count - i)))[0] for i in range(0, count, config.calib_batch)]
-        result.distortion_fit = fit_measured_allocation(model, controller, head, distortion)
-        test_sized = [*test_sized, *distortion]  # the price meets the budget on every test-sized patch drawn
+        test_sized = _train_measured(model, controller, head, draw_batch, draw_entropy_batch, config, result, progress)
     else:
         _train(model, controller, draw_batch, config, result, progress)
     controller.eval()
-    if config.target_fab is not None and controller.fixed_bits is None:
+    if config.target_fab is not None and controller.fixed_bits is None and not controller.measured:
         patches = torch.cat(test_sized)
         result.bit_price = controller.calibrate_bit_price(
             head_features(model, head, patches), patches, config.target_fab
         )
     result.seconds = time.perf_counter() - start
     return result
+
+
+def split_schedule(config: GranularDQConfig, first: int) -> tuple[GranularDQConfig, GranularDQConfig]:
+    """The schedule cut after `first` iterations: two configs whose runs together make the whole one (the
+    second starts at the learning rate the first ended with; ATC's first epoch belongs to the first)."""
+    done = [m for m in config.lr_milestones if m < first]
+    head = dataclasses.replace(config, iterations=first, lr_milestones=tuple(done))
+    tail = dataclasses.replace(
+        config,
+        iterations=config.iterations - first,
+        lr=config.lr * config.lr_gamma ** len(done),
+        lr_milestones=tuple(m - first for m in config.lr_milestones if m >= first),
+        epoch_iterations=0,
+        seed=config.seed + 1,
+    )
+    return head, tail
+
+
+def _train_measured(
+    model: nn.Module,
+    controller: GranularityBitController,
+    head: str,
+    draw_batch: Callable[[int], Batch],
+    draw_entropy_batch: Callable[[int], Batch] | None,
+    config: GranularDQConfig,
+    result: GranularDQResult,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """Measured allocation: train on random bits at the budget's shares, fit the controller to each patch's error
+    at every bit and price it to the budget, then train the rest of the schedule on the bits it gives (and fit
+    again). Returns the test-sized patches the price was calibrated on."""
+    assert config.target_fab is not None  # the config requires it for the measured allocation
+    warm, rest = split_schedule(config, round(config.iterations * config.allocation_warmup))
+    # Every candidate bit trains on random patches, in shares whose mean is the budget, so every bit is ready for
+    # any patch and the network sees about the bit mix it will be tested with.
+    controller.random_shares = budget_shares(controller.gbc_bits, config.target_fab)
+    controller.random_seed = config.seed
+    try:
+        _train(model, controller, draw_batch, warm, result, progress)
+    finally:
+        controller.random_shares = None
+    draw = draw_entropy_batch or draw_batch
+    count = config.distortion_count
+    patches = torch.cat(
+        [_split(draw(min(config.calib_batch, count - i)))[0] for i in range(0, count, config.calib_batch)]
+    )
+
+    def fit() -> None:
+        batches = list(patches.split(config.calib_batch))
+        result.distortion_fit = fit_measured_allocation(model, controller, head, batches)
+        features = torch.cat([head_features(model, head, b) for b in batches])
+        result.bit_price = controller.calibrate_bit_price(features, patches, config.target_fab)  # type: ignore[arg-type]
+
+    fit()
+    if rest.iterations > 0:
+        # The rest of the schedule trains on the fitted allocation (deterministic bits, controller frozen), so each
+        # bit's steps and the weights adapt to the patches that bit will get; then the fit is redone.
+        controller.stochastic = False
+        controller.requires_grad_(False)
+        try:
+            _train(model, controller, draw_batch, rest, result, progress)
+        finally:
+            controller.stochastic = None
+            controller.requires_grad_(True)
+        fit()
+    return [patches]
 
 
 def _train(
