@@ -161,7 +161,12 @@ def main() -> None:
 
 def write_outputs(done: dict, datasets: list[str]) -> None:
     """The markdown table (with the verdicts at equal FAB) and one Pareto PNG per network."""
-    lines = [header("Adaptive bits against fixed bits and random allocations, x4, preset cpu"), ""]
+    networks = sorted({k.split("|")[0] for k in done if not k.endswith("|fp")})
+    cells_by = (
+        f"python benchmarks/dynamic_pareto.py --assets ../shared/assets --networks {','.join(networks)} "
+        f"--datasets {','.join(datasets)} --threads 1 (cells in groups with --only, the table with --table-only)"
+    )
+    lines = [header("Adaptive bits against fixed bits and random allocations, x4, preset cpu", cells_by), ""]
     lines.append(
         "PSNR (BasicSR convention) / FAB (mean activation bit per image, averaged) / BitOPs (G, for a 1280x720 "
         "output) per dataset. `fixed-line`: the PSNR of the fixed-bit twins interpolated linearly in FAB at the "
@@ -171,7 +176,6 @@ def write_outputs(done: dict, datasets: list[str]) -> None:
     cols = " | ".join(f"{d} PSNR / FAB / BitOPs" for d in datasets)
     lines.append(f"| network | method | variant | {cols} | vs fixed (" + ", ".join(datasets) + ") | vs random |")
     lines.append("|---" * (5 + len(datasets)) + "|")
-    networks = sorted({k.split("|")[0] for k in done if not k.endswith("|fp")})
     for name in networks:
         for key in sorted(k for k in done if k.startswith(name + "|") and not k.endswith("|fp")):
             _, method, variant = key.split("|")
@@ -258,9 +262,9 @@ def _plot(done: dict, name: str, datasets: list[str]) -> None:
             ax.set_ylabel(f"{dataset} PSNR (dB)")
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker=m, color=c, linestyle="", label=k) for k, (m, c) in styles.items()]
-    fig.legend(handles=handles, loc="upper center", ncol=4)
     fig.suptitle(f"{name} x4: adaptive bits against fixed bits and random allocations", y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.legend(handles=handles, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.975))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(RESULTS / f"dynamic_{name}.png", dpi=110)
     plt.close(fig)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,10 @@ def cli_psnr(checkpoint: Path, assets: str, out: Path) -> float:
     """Set5 PSNR printed by `srquant eval --model CHECKPOINT` in a fresh process."""
     argv = [sys.executable, "-m", "srquant", "eval", "--model", str(checkpoint), "--scale", str(SCALE)]
     argv += ["--datasets", "Set5", "--assets", assets, "--json", str(out), "--no-progress", "--device", "cpu"]
-    subprocess.run(argv, check=True, capture_output=True, text=True)
+    # The same torch thread count as this process: a different split of a convolution's sums can move a value
+    # across a quantization step, which would show as a difference between the paths that is not one.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.read_text())["results"][0]["psnr"]
 
 

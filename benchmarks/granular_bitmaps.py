@@ -20,6 +20,7 @@ from PIL import Image
 from srquant import api
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import to_tensor
+from srquant.methods.granular_dq.patchwise import PALETTE
 
 
 def main() -> None:
@@ -57,6 +58,7 @@ def main() -> None:
         counts = ", ".join(f"{b}: {bits.count(b)}" for b in sorted(set(bits)))
         lines.append(f"| {name} | {fab:.2f} | {counts} |")
     lines.append(f"\nMean FAB over these images: {np.mean([r[1] for r in rows]):.2f}.\n")
+    lines.append("Tints: " + ", ".join(f"{bit} bits rgb{colour}" for bit, colour in PALETTE.items()) + ".\n")
     for name, fab, _, _, lr in chosen:
         target = folder / f"{args.name}_{name}.png"
         Image.fromarray(model.bit_map(lr)).save(target)

@@ -37,9 +37,10 @@ class GranularDQConfig:
     budget_weight: float = 0.0  # optional training term: this weight x the batch's mean bit above target_fab
     price_lr: float = 0.05  # with target_fab: the bit price's step per bit of excess per training batch
     controller_lr: float | None = None  # the controller's own Adam rate (None: lr)
-    # "paper": GBC learns its logits through the L1 loss; "measured" (srquant): the network trains with uniformly
-    # random patch bits, then GBC's linear layer is fitted to each patch's measured output error at every bit and
-    # the bit price is calibrated to target_fab (E2B and ATC do not apply).
+    # "paper": GBC learns its logits through the L1 loss; "measured" (srquant): the network trains on random patch
+    # bits whose mean is target_fab, GBC's linear layer is fitted to each patch's measured output error at every
+    # bit from magnitude features, the bit price meets target_fab, and the rest of the schedule trains on those
+    # bits (E2B and ATC do not apply).
     allocation: str = "paper"
     distortion_count: int = 96  # measured allocation: test-sized patches whose per-bit errors GBC is fitted to
     allocation_warmup: float = 0.5  # measured allocation: share of the iterations on random bits before the fit
