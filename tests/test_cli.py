@@ -89,3 +89,21 @@ def test_models_lists_local_weights(assets: Path, capsys: pytest.CaptureFixture[
 def test_python_dash_m_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "srquant", "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "eval" in done.stdout
+
+
+def test_eval_compare_fp_prints_the_drop_from_the_published_float_network(
+    assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, out = tmp_path / "q.pt", tmp_path / "q.json"
+    quantize = ["quantize", "--model", "imdn", "--scale", "4", "--method", "minmax", "--wbits", "8", "--abits", "8"]
+    assert main(quantize + ["--assets", str(assets), "-o", str(checkpoint), "--device", "cpu"]) == 0
+    argv = ["eval", "--model", str(checkpoint), "--scale", "4", "--datasets", "Set5", "--assets", str(assets)]
+    capsys.readouterr()
+    assert main(argv + ["--compare-fp", "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "FP PSNR" in printed and "drop" in printed
+    row = json.loads(out.read_text())["results"][0]
+    assert abs(row["fp_psnr"] - 32.21) <= 0.01  # the published IMDN x4 weights, scored independently above
+    assert row["drop_db"] == pytest.approx(row["psnr"] - row["fp_psnr"]) and row["drop_db"] < 0
+    zoo = ["eval", "--model", "imdn", "--scale", "4", "--datasets", "Set5", "--assets", str(assets), "--compare-fp"]
+    assert "is float" in _error_line(capsys, zoo)

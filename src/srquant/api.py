@@ -388,18 +388,24 @@ def evaluate_model(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     input_range: float = 1.0,
+    compare_fp: bool = False,
 ) -> ModelEvaluation:
     """`srquant eval`: a zoo model or quantized checkpoint on benchmark sets, with its size and BitOPs.
 
     Dynamic-bit models report each image's FAB and BitOPs (averaged per set); with `record_bits` each image's
     bits are returned; with `bitmap_dir` models that draw bit maps write one PNG per image under
-    `bitmap_dir/<dataset>/`.
+    `bitmap_dir/<dataset>/`. With `compare_fp` a checkpoint of a zoo network is compared with that network's
+    published float weights: each result gets `fp_psnr` and `drop_db` (PSNR minus the float PSNR).
     """
     for name in datasets:
         BenchmarkSet.from_assets(name, assets)  # every set is located before the model is loaded
     if bitmap_dir is not None:
         bitmap_dir = check_output_folder(bitmap_dir, [reference, weights], _asset_root(assets))
     opened = open_model(reference, scale, assets, weights, download, device, arch, arch_kwargs, input_range)
+    float_model = None
+    if compare_fp:  # loaded before any work, so missing float weights fail at once
+        source = _float_source(opened, reference)
+        float_model = load_model(source, scale, assets, None, download, resolve_device(device))
     model = opened.model
     recorder = getattr(model, "image_record", None)
     painter = getattr(model, "bit_map", None)
@@ -425,7 +431,24 @@ def evaluate_model(
     for result in results:
         # a dynamic model's measured FAB / BitOPs take precedence over the fixed-bit accounting
         result.extras = {**fixed, "size_mb": cost.size_mb, "bitops_g": cost.bitops_g, **result.extras}
+    if float_model is not None:
+        floats = evaluate(float_model, datasets, scale, conventions, assets, tile, progress, overlap=overlap)
+        for result, fp in zip(results, floats, strict=True):
+            result.extras.update(fp_psnr=fp.psnr, drop_db=result.psnr - fp.psnr)
     return ModelEvaluation(opened.label, description, cost, results, bits)
+
+
+def _float_source(opened: OpenedModel, reference: str | Path | None) -> str:
+    """The zoo name whose published float weights a checkpoint is compared with (`compare_fp`)."""
+    if opened.checkpoint is None:
+        raise SrquantError(f"--compare-fp compares a quantized checkpoint with its float network; {reference} is float")
+    arch = opened.checkpoint.record["arch"]
+    if arch.get("kind") != "zoo" or arch.get("kwargs"):
+        raise SrquantError(
+            "--compare-fp needs a checkpoint of a zoo network (it uses the published weights); evaluate your own "
+            "float network with `srquant eval --arch FILE.py:Class --weights W` for its scores"
+        )
+    return str(arch["name"])
 
 
 def image_tensor(image: np.ndarray, value_range: float | None = None) -> torch.Tensor:

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--bitmap-dir", type=Path, help="Granular-DQ models: write a bit-map PNG per image under DIR/<dataset>"
     )
+    ev.add_argument(
+        "--compare-fp",
+        action="store_true",
+        help="a checkpoint of a zoo network: also score the network's published float weights and print the drop",
+    )
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -249,13 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_table(results: Sequence[DatasetResult]) -> str:
     """A plain-text table of results, each row labelled with its convention (FAB, BitOPs when measured)."""
-    head = ("dataset", "conv", "PSNR", "SSIM", "images", "seconds", "FAB", "GBitOPs")
-    lines = ["{:<10} {:<8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>8}".format(*head)]
+    compared = any("drop_db" in r.extras for r in results)
+    head = ("dataset", "conv", "PSNR", "SSIM", "images", "seconds", "FAB", "GBitOPs") + (
+        ("FP PSNR", "drop") if compared else ()
+    )
+    form = "{:<10} {:<8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>8}" + (" {:>8} {:>7}" if compared else "")
+    lines = [form.format(*head)]
     for r in results:
         fab = f"{r.extras['fab']:.2f}" if "fab" in r.extras else "-"
         bops = f"{r.extras['bitops_g']:.2f}" if "bitops_g" in r.extras else "-"
         row = (r.dataset, r.convention, f"{r.psnr:.4f}", f"{r.ssim:.4f}", r.images, f"{r.seconds:.1f}", fab, bops)
-        lines.append("{:<10} {:<8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>8}".format(*row))
+        if compared:
+            row += (f"{r.extras['fp_psnr']:.4f}", f"{r.extras['drop_db']:+.3f}")
+        lines.append(form.format(*row))
     return "\n".join(lines)
 
 
@@ -300,6 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         arch=args.arch,
         arch_kwargs=args.arch_kwargs,
         input_range=args.input_range,
+        compare_fp=args.compare_fp,
     )
     print(f"{evaluation.label} x{args.scale}: {evaluation.description}, {evaluation.cost.size_mb:.3f} MB")
     print(format_table(evaluation.results))
