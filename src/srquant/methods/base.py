@@ -34,7 +34,7 @@ from srquant.quant.quantize import QuantReport, quantize_
 from srquant.quant.spec import QuantSpec
 
 PAPER_PRESETS = frozenset({"paper", "code"})
-DEFAULT_GRANULARITY = "channel"  # measured better than per-tensor on every W4A4 cell (docs/results/ptq_cpu.md)
+DEFAULT_GRANULARITY = "channel"  # measured better on every W4A4 cell (docs/results/ptq_granularity.md)
 
 
 @dataclass
