@@ -5,14 +5,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from srquant.runtime import tune_allocator
+from srquant.runtime import cpu_name, tune_allocator
 
 tune_allocator()  # benchmarks measure the same process settings the CLI uses
 
@@ -22,15 +21,7 @@ RESULTS = ROOT / "docs" / "results"
 
 def machine() -> str:
     """One line naming the CPU, core count, torch build and thread count the numbers were measured with."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def command() -> str:

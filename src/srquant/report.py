@@ -32,6 +32,7 @@ from srquant.evaluate import DatasetResult, evaluate_dataset, image_metrics_of
 from srquant.metrics.psnr_ssim import psnr_y
 from srquant.models.inference import upscale
 from srquant.outputs import atomic_write_text
+from srquant.runtime import cpu_name
 
 CROP = 96  # HR pixels of each side-by-side crop (scaled up for display)
 SHOWN = 288  # display side of a crop in the page
@@ -85,14 +86,7 @@ def _versions() -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}{gpu}"
 

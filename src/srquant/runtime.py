@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -43,3 +45,14 @@ def release_memory() -> None:
     """Return free heap memory to the OS (between images); a no-op unless `tune_allocator` took effect."""
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for records of where numbers were measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -183,14 +183,16 @@ def patch_errors(
 
 
 def fit_measured_allocation(
-    model: nn.Module, controller: GranularityBitController, head: str, batches: Sequence[torch.Tensor]
-) -> float:
-    """Measure every patch's error at every bit and fit the controller to predict it from the head features."""
+    model: nn.Module, controller: GranularityBitController, head: str, batches: Sequence[torch.Tensor], target: float
+) -> tuple[float, float]:
+    """Measure every patch's error at every bit, fit the controller to predict it from the head features and
+    price it to the `target` mean bit on the same patches; returns (held-out fit error, bit price)."""
     errors = patch_errors(model, controller, batches)
     if not torch.isfinite(errors).all():
         raise SrquantError("Granular-DQ's measured allocation saw a non-finite output error")
     feat = torch.cat([head_features(model, head, lr) for lr in batches])
-    return controller.fit_distortion(feat, errors)
+    fit = controller.fit_distortion(feat, errors)
+    return fit, controller.calibrate_bit_price(feat, torch.cat(list(batches)), target)
 
 
 def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -271,15 +273,16 @@ def run_granular_dq(
     result.thresholds.append(tuple(controller.thresholds.tolist()))  # type: ignore[arg-type]
     result.calib_seconds = time.perf_counter() - start
     if controller.measured and controller.fixed_bits is None:
-        test_sized = _train_measured(model, controller, head, draw_batch, draw_entropy_batch, config, result, progress)
+        _train_measured(model, controller, head, draw_batch, draw_entropy_batch, config, result, progress)
     else:
         _train(model, controller, draw_batch, config, result, progress)
+        controller.eval()
+        if config.target_fab is not None and controller.fixed_bits is None:
+            patches = torch.cat(test_sized)
+            result.bit_price = controller.calibrate_bit_price(
+                head_features(model, head, patches), patches, config.target_fab
+            )
     controller.eval()
-    if config.target_fab is not None and controller.fixed_bits is None and not controller.measured:
-        patches = torch.cat(test_sized)
-        result.bit_price = controller.calibrate_bit_price(
-            head_features(model, head, patches), patches, config.target_fab
-        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -309,10 +312,10 @@ def _train_measured(
     config: GranularDQConfig,
     result: GranularDQResult,
     progress: bool,
-) -> list[torch.Tensor]:
+) -> None:
     """Measured allocation: train on random bits at the budget's shares, fit the controller to each patch's error
     at every bit and price it to the budget, then train the rest of the schedule on the bits it gives (and fit
-    again). Returns the test-sized patches the price was calibrated on."""
+    again)."""
     assert config.target_fab is not None  # the config requires it for the measured allocation
     warm, rest = split_schedule(config, round(config.iterations * config.allocation_warmup))
     # Every candidate bit trains on random patches, in shares whose mean is the budget, so every bit is ready for
@@ -325,15 +328,16 @@ def _train_measured(
         controller.random_shares = None
     draw = draw_entropy_batch or draw_batch
     count = config.distortion_count
-    patches = torch.cat(
-        [_split(draw(min(config.calib_batch, count - i)))[0] for i in range(0, count, config.calib_batch)]
-    )
+    batches = [_split(draw(min(config.calib_batch, count - i)))[0] for i in range(0, count, config.calib_batch)]
 
     def fit() -> None:
-        batches = list(patches.split(config.calib_batch))
-        result.distortion_fit = fit_measured_allocation(model, controller, head, batches)
-        features = torch.cat([head_features(model, head, b) for b in batches])
-        result.bit_price = controller.calibrate_bit_price(features, patches, config.target_fab)  # type: ignore[arg-type]
+        result.distortion_fit, result.bit_price = fit_measured_allocation(
+            model,
+            controller,
+            head,
+            batches,
+            config.target_fab,  # type: ignore[arg-type]
+        )
 
     fit()
     if rest.iterations > 0:
@@ -347,7 +351,6 @@ def _train_measured(
             controller.stochastic = None
             controller.requires_grad_(True)
         fit()
-    return [patches]
 
 
 def _train(
@@ -393,8 +396,7 @@ def _train(
                 if step < config.epoch_iterations and controller.use_atc and controller.fixed_bits is None:
                     controller.atc_update(patch_entropy(lr, controller.bins, controller.sigma))
                 task = _task_loss(model, lr, hr, config)
-                loss = task
-                loss = loss + bit_cost(controller, config)
+                loss = task + bit_cost(controller, config)
                 value, task_value = float(loss.detach()), float(task.detach())
                 if not guard.admit(value, f"step {step}", optimizer, monitored=task_value):
                     if guard.stopped:
