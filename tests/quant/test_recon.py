@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from srquant.methods import recon
 from srquant.methods.dbdc_pac import DBDC_PAC_PRESETS, pac_schedule
 from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.methods.ptq import calibrate
-from srquant.methods.recon import ReconConfig, blocks_of, run_recon
+from srquant.methods.recon import ReconConfig, block_data, blocks_of, run_recon
+from srquant.methods.training import float_teacher
 from srquant.methods.twodquant import run_dqc
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.calibrators import DensityClipCalibrator, is_weight_quantizer
@@ -38,11 +40,15 @@ def _quantized(name: str = "imdn", bits: int = 3, **spec: object) -> torch.nn.Mo
     return model
 
 
-def _error(model: torch.nn.Module, x: torch.Tensor) -> float:
+def _error(model: torch.nn.Module, x: torch.Tensor, reference: torch.nn.Module | None = None) -> float:
+    """Output MSE against `reference` (a float copy), or against the model's own FP mode."""
     with torch.no_grad():
         out = model(x)
-        with fp_mode(model):
-            ref = model(x)
+        if reference is not None:
+            ref = reference(x)
+        else:
+            with fp_mode(model):
+                ref = model(x)
     return float((out - ref).pow(2).mean())
 
 
@@ -91,11 +97,12 @@ def test_blocks_are_the_stages_then_the_layers_outside_them_in_execution_order()
 @pytest.mark.parametrize("name", ["imdn", "swinir-light"])
 def test_reconstruction_lowers_the_output_error_and_reloads_bit_identically(name: str, tmp_path: Path) -> None:
     model = _quantized(name)
+    floating = float_teacher(model)  # recon writes grid values into the weights: the float network is a copy
     held_out = _smooth(4, seed=9)
-    before = _error(model, held_out)
+    before = _error(model, held_out, floating)
     notes = run_recon(model, list(_smooth(16).split(8)), SMALL)
     assert not notes
-    assert _error(model, held_out) < before
+    assert _error(model, held_out, floating) < before
     weights = [q for n, q in quantizers(model) if is_weight_quantizer(n)]
     assert all(q.rounding is None for q in weights)  # folded
     path = tmp_path / "q.pt"
@@ -103,6 +110,44 @@ def test_reconstruction_lowers_the_output_error_and_reloads_bit_identically(name
     again = load_quantized(path)
     with torch.no_grad():
         assert torch.equal(model(held_out), again(held_out))
+
+
+def test_every_block_is_fitted_to_the_float_network_not_to_the_rounded_blocks_before_it(monkeypatch) -> None:
+    model = _quantized()
+    floating = float_teacher(model)
+    batches = list(_smooth(16).split(8))
+    targets: dict[str, torch.Tensor] = {}
+    fit = recon.reconstruct_block
+
+    def spy(block, quantized, float_data, config, generator, label, progress=False):  # noqa: ANN001, ANN202
+        targets[label.split()[-1]] = float_data.outputs
+        return fit(block, quantized, float_data, config, generator, label, progress)
+
+    monkeypatch.setattr(recon, "reconstruct_block", spy)
+    run_recon(model, batches, dataclasses.replace(SMALL, iterations=10))
+    assert set(targets) == {"IMDB1", "IMDB2"}
+    for name in ("IMDB1", "IMDB2"):  # IMDB2 comes after IMDB1, whose weights now hold grid values
+        expected = block_data(floating, floating.get_submodule(name), batches, quantized=False).outputs
+        assert torch.equal(targets[name], expected)
+    with torch.no_grad(), fp_mode(model):
+        assert not torch.equal(model(batches[0]), floating(batches[0]))  # the model's own FP mode has moved
+
+
+def test_end_to_end_distillation_after_recon_learns_from_the_float_network(monkeypatch) -> None:
+    model = _quantized()
+    floating = float_teacher(model)
+    seen: dict[str, torch.nn.Module] = {}
+
+    def spy(model, draw, config, progress=False, params=None, teacher=None):  # noqa: ANN001, ANN202
+        seen["teacher"] = teacher
+        return run_dqc(model, draw, config, progress, params, teacher)
+
+    monkeypatch.setattr(recon, "run_dqc", spy)
+    config = dataclasses.replace(SMALL, iterations=5, e2e_iterations=3, e2e_batch=2)
+    run_recon(model, list(_smooth(16).split(8)), config, draw_e2e=lambda n: _smooth(n, seed=5))
+    probe = _smooth(2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(seen["teacher"](probe), floating(probe))
 
 
 def test_learned_rounding_moves_some_codes_off_nearest() -> None:

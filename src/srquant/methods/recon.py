@@ -4,8 +4,10 @@
 2. The network is cut into blocks in execution order: its stages (`stage_names`, e.g. IMDN's IMDBs, a
    transformer's groups), and every quantized layer outside them as a block of its own.
 3. For each block in turn, the calibration crops are run through the network twice, stopping at the block: once
-   in float, for the block's float input and its output (the target), and once quantized (the blocks before it
-   already reconstructed), for the input the quantized block will really get. The block then learns, with Adam:
+   through a float copy taken before step 3 (the blocks already reconstructed hold grid values in their weights,
+   so the network's own FP mode is no longer the float network), for the block's float input and its output (the
+   target), and once quantized (the blocks before it already reconstructed), for the input the quantized block
+   will really get. The block then learns, with Adam:
    - each weight's rounding (AdaRound: up or down per element on the weight's fixed grid, with the rounding
      regularizer annealed from beta 20 to 2 after a 20% warm-up), and
    - its activation ranges (the bounds of every activation quantizer in it: layer inputs, attention-matmul
@@ -15,7 +17,7 @@
    input with the same share of elements taken from the float one.
 4. The rounding is fixed (hard) and written into the weights, which then hold grid values: checkpoints store
    them as integer codes and exports use them, bit-identically.
-5. Optionally (`e2e_iterations` > 0) the activation ranges are distilled end to end from the float network
+5. Optionally (`e2e_iterations` > 0) the activation ranges are distilled end to end from that float copy
    (DQC's loss, the divergence guard), the weights staying as reconstructed.
 
 The divergence guard watches every block: a NaN/inf or blown-up loss restores the block's last sound state.
@@ -37,7 +39,7 @@ from tqdm import tqdm
 from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData, Method, MethodRun
 from srquant.methods.ptq import calibrate
-from srquant.methods.training import DivergenceGuard, frozen_weights
+from srquant.methods.training import DivergenceGuard, float_teacher, frozen_weights
 from srquant.methods.twodquant import TwoDQuantConfig, run_dqc
 from srquant.models.layout import QuantLayout
 from srquant.quant.calibrators import is_weight_quantizer
@@ -300,9 +302,10 @@ def run_recon(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     notes: list[str] = []
     blocks = blocks_of(model, batches[0][:1])
+    teacher = float_teacher(model)  # taken before any block writes its rounding into the weights
     for index, name in enumerate(blocks):
         block = model.get_submodule(name)
-        floating = block_data(model, block, batches, quantized=False)
+        floating = block_data(teacher, teacher.get_submodule(name), batches, quantized=False)
         quantized = block_data(model, block, batches, quantized=True)
         label = f"block {index + 1}/{len(blocks)} {name}"
         notes += reconstruct_block(block, quantized, floating, config, generator, label, progress)
@@ -316,7 +319,7 @@ def run_recon(
             blowup_factor=config.blowup_factor,
             max_rollbacks=config.max_rollbacks,
         )
-        notes += run_dqc(model, draw_e2e, dqc, progress, params=acts).rollbacks
+        notes += run_dqc(model, draw_e2e, dqc, progress, params=acts, teacher=teacher).rollbacks
     return notes
 
 

@@ -1,12 +1,14 @@
 """The pieces the methods share: grayscale, augmentation, the distillation loss, frozen weights, and the divergence
 guard that rolls a run back to its last sound state.
 
-The FP teacher is always the same network with quantization switched off (`fp_mode`), in eval mode, so no HR
-image is needed and no normalisation statistics move.
+The FP teacher is the same network with quantization switched off (`fp_mode`), in eval mode, so no HR image is
+needed and no normalisation statistics move. A method that rewrites the weights (recon writes its learned rounding
+into them) distils from a `float_teacher` copy taken before, since `fp_mode` would then run the rewritten weights.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srquant.quant.quantize import fp_mode
+from srquant.quant.quantize import fp_mode, set_mode
+from srquant.quant.quantizers import QuantMode
 
 GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as kornia's rgb_to_grayscale
 
@@ -80,6 +83,13 @@ def frozen_weights(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Itera
             p.requires_grad_(flag)
 
 
+def float_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of the network with every quantizer off: the FP teacher of a method that rewrites weights."""
+    teacher = copy.deepcopy(model)
+    set_mode(teacher, QuantMode.FP)
+    return teacher.requires_grad_(False).eval()
+
+
 def distillation_loss(
     model: nn.Module,
     batch: torch.Tensor,
@@ -87,18 +97,26 @@ def distillation_loss(
     feats: dict[str, torch.Tensor],
     feature_weight: float,
     average_stages: bool = False,
+    teacher: nn.Module | None = None,
+    teacher_feats: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """L1(student, FP teacher) + feature_weight * the normalised feature distance over the stages.
 
-    `feats` is the store of an active `capture_stages(model, stages)`. The stage terms are summed (2DQuant's
+    `feats` is the store of an active `capture_stages(model, stages)`. The teacher is the model's own `fp_mode`,
+    or `teacher` (a `float_teacher`) whose stages fill `teacher_feats`. The stage terms are summed (2DQuant's
     L_F) or averaged (`average_stages`: AdaBM's 1/n_blocks).
     """
-    with torch.no_grad(), fp_mode(model):
-        target = model(batch)
-        teacher = {k: v.detach() for k, v in feats.items()}
+    with torch.no_grad():
+        if teacher is None:
+            with fp_mode(model):
+                target = model(batch)
+            reference = {k: v.detach() for k, v in feats.items()}
+        else:
+            target = teacher(batch)
+            reference = dict(teacher_feats or {})
     loss = F.l1_loss(model(batch), target)
     if stages and feature_weight:
-        total = sum(normalised_feature_distance(feats[k], teacher[k]) for k in stages)
+        total = sum(normalised_feature_distance(feats[k], reference[k]) for k in stages)
         loss = loss + feature_weight * (total / len(stages) if average_stages else total)
     return loss
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -97,8 +98,10 @@ def run_dqc(
     config: TwoDQuantConfig,
     progress: bool = False,
     params: list[nn.Parameter] | None = None,
+    teacher: nn.Module | None = None,
 ) -> DQCReport:
-    """Train the bounds of a calibrated quantized model by distillation from its own FP mode.
+    """Train the bounds of a calibrated quantized model by distillation from its own FP mode (or from `teacher`,
+    a `float_teacher` copy, when the model's weights no longer hold the float values).
 
     `draw_batch(n)` returns n LR crops; `params` are the bounds to train (default: every quantizer's). The
     divergence guard restores the last sound bounds and halves the learning rate on a NaN/inf loss or a loss above
@@ -120,10 +123,11 @@ def run_dqc(
     generator = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     model.eval()  # teacher and student both in eval mode: no normalisation statistics change
-    with frozen_weights(model, params), capture_stages(model, stages) as feats:
+    reference = capture_stages(teacher, stages) if teacher is not None else nullcontext(None)
+    with frozen_weights(model, params), capture_stages(model, stages) as feats, reference as teacher_feats:
 
         def loss_of(batch: torch.Tensor) -> torch.Tensor:
-            return distillation_loss(model, batch, stages, feats, config.feature_weight)
+            return distillation_loss(model, batch, stages, feats, config.feature_weight, False, teacher, teacher_feats)
 
         with torch.no_grad():
             seeds = [float(loss_of(draw_batch(config.batch_size))) for _ in range(config.guard_seed_batches)]
