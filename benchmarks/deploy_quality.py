@@ -4,7 +4,9 @@ layers) by each calibration method; Set5 PSNR of the fake-quant model against FP
 graph for every method.
 
     python benchmarks/deploy_quality.py --assets ../shared/assets [--networks imdn,pan,carn-m]
-        [--methods minmax,percentile,dobi,2dquant,recon] [--threads 1] [--table-only]
+        [--methods minmax,percentile,dobi,2dquant,recon,minmax+bc] [--threads 1] [--table-only]
+
+`M+bc` is method M followed by bias correction (`--bias-correction`; minmax, percentile, dobi and recon).
 
 Resumable: cells live in docs/results/deploy_quality.json; writes docs/results/deploy_quality.md. Speed is
 method-independent (the same graph) and lives in docs/results/speed_cpu.md.
@@ -28,10 +30,15 @@ TARGET_DB = 0.03
 
 
 def run_cell(name: str, method: str, assets: str | None) -> dict:
-    """Quantize with the deploy recipe, score the fake-quant model, export and score the integer graph."""
+    """Quantize with the deploy recipe, score the fake-quant model, export and score the integer graph. A method
+    named `M+bc` is M followed by bias correction."""
+    base, corrected = method.removesuffix("+bc"), method.endswith("+bc")
+    extra = {"bias_correction": True} if corrected else {}
     with tempfile.TemporaryDirectory(prefix="srquant-deploy-") as tmp:
         ckpt, graph_path = Path(tmp) / "q.pt", Path(tmp) / "q.onnx"
-        result = api.quantize(name, SCALE, method, 8, 8, assets=assets, device="cpu", deploy="onnxruntime", output=ckpt)
+        result = api.quantize(
+            name, SCALE, base, 8, 8, assets=assets, device="cpu", deploy="onnxruntime", output=ckpt, **extra
+        )
         fake = evaluate(result.model, ["Set5"], SCALE, ["basicsr"], assets, progress=False)[0]
         api.export_quantized(ckpt, graph_path, assets=assets)
         graph = OrtUpscaler(graph_path, SCALE, torch.get_num_threads())

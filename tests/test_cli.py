@@ -77,6 +77,21 @@ def test_bad_inputs_give_one_line_errors(assets: Path, tmp_path: Path, capsys: p
     assert "does not exist" in err
     err = _error_line(capsys, ["eval", "--model", "imdn", "--scale", "4", "--datasets", "Set99"] + base)
     assert "Set99" in err
+    quantize = [
+        "quantize",
+        "--model",
+        "imdn",
+        "--scale",
+        "4",
+        "--wbits",
+        "8",
+        "--abits",
+        "8",
+        "-o",
+        str(tmp_path / "q.pt"),
+    ]
+    err = _error_line(capsys, [*quantize, "--method", "2dquant", "--bias-correction"] + base)
+    assert "bias_correction does not apply to 2dquant" in err and not (tmp_path / "q.pt").exists()
 
 
 def test_models_lists_local_weights(assets: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qz.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     qz.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="minmax, percentile, dobi, recon: afterwards shift each layer's bias by its mean output error",
+    )
+    qz.add_argument(
         "--iterations", type=int, help="override the preset's iterations (DQC; AdaBM per epoch; Granular-DQ)"
     )
     qz.add_argument("--batch-size", type=_positive_int, help="override the method's training batch size")
@@ -339,6 +344,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "target_fab": args.target_fab,
         "allocation": args.allocation,
+        "bias_correction": True if args.bias_correction else None,
     }
     result = api.quantize(
         args.model,

@@ -16,6 +16,7 @@ from torch import nn
 
 from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData, Method, MethodRun
+from srquant.methods.bias_correction import correct_biases
 from srquant.models.layout import QuantLayout
 from srquant.quant.calibrators import apply_ranges, calibrator_factory, is_weight_quantizer, run_calibration
 from srquant.quant.quantize import quantize_, quantizers
@@ -24,13 +25,15 @@ from srquant.quant.spec import QuantSpec
 
 @dataclass(frozen=True)
 class PTQConfig:
-    """Calibration data of the range methods: how many LR crops, how large, in which batches, which seed."""
+    """Calibration data of the range methods (how many LR crops, how large, in which batches, which seed) and
+    whether biases are corrected afterwards."""
 
     calib_count: int = 32
     calib_size: int = 64
     calib_batch: int = 8
     percentile: float = 99.99
     seed: int = 0
+    bias_correction: bool = False  # shift each layer's bias by its mean output error (methods/bias_correction.py)
 
     def __post_init__(self) -> None:
         if min(self.calib_count, self.calib_size, self.calib_batch) < 1:
@@ -84,7 +87,9 @@ class RangeCalibration(Method):
         size = data.rounded(config.calib_size)
         batches = data.batches(config.calib_count, size, config.calib_batch, config.seed)
         calibrate(model, batches, self.kind, config.percentile, progress)
-        settings = {"calib_count": config.calib_count, "calib_size": size}
+        settings: dict[str, object] = {"calib_count": config.calib_count, "calib_size": size}
+        if config.bias_correction:
+            settings["bias_corrected"] = len(correct_biases(model, batches, progress))
         if self.kind == "percentile":
             settings["percentile"] = config.percentile
         return MethodRun(model, report, spec, time.perf_counter() - start, settings)

@@ -19,6 +19,7 @@
    them as integer codes and exports use them, bit-identically.
 5. Optionally (`e2e_iterations` > 0) the activation ranges are distilled end to end from that float copy
    (DQC's loss, the divergence guard), the weights staying as reconstructed.
+6. Optionally (`bias_correction`) each layer's bias is shifted by its mean output error (bias_correction.py).
 
 The divergence guard watches every block: a NaN/inf or blown-up loss restores the block's last sound state.
 """
@@ -38,8 +39,9 @@ from tqdm import tqdm
 
 from srquant.errors import SrquantError
 from srquant.methods.base import CalibrationData, Method, MethodRun
+from srquant.methods.bias_correction import correct_biases
 from srquant.methods.ptq import calibrate
-from srquant.methods.training import DivergenceGuard, float_teacher, frozen_weights
+from srquant.methods.training import DivergenceGuard, execution_order, float_teacher, frozen_weights
 from srquant.methods.twodquant import TwoDQuantConfig, run_dqc
 from srquant.models.layout import QuantLayout
 from srquant.quant.calibrators import is_weight_quantizer
@@ -83,6 +85,7 @@ class ReconConfig:
     seed: int = 0
     blowup_factor: float = 4.0
     max_rollbacks: int = 5
+    bias_correction: bool = False  # afterwards, shift each layer's bias by its mean output error
 
     def __post_init__(self) -> None:
         if min(self.calib_count, self.calib_size, self.calib_batch, self.batch_size, self.e2e_batch) < 1:
@@ -167,26 +170,6 @@ def block_data(model: nn.Module, block: nn.Module, batches: Sequence[torch.Tenso
         raise SrquantError("a block to reconstruct was not reached by the calibration crops")
     extra, kwargs = store["extra"]
     return BlockData(torch.cat(store["input"]), torch.cat(store["output"]), extra, kwargs)
-
-
-def execution_order(model: nn.Module, names: Sequence[str], sample: torch.Tensor) -> list[str]:
-    """The named modules in the order a forward pass first runs them (those it never runs are dropped)."""
-    order: list[str] = []
-    handles = []
-    for name in names:
-
-        def hook(_m: nn.Module, _args: tuple, name: str = name) -> None:
-            if name not in order:
-                order.append(name)
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), fp_mode(model):
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
 
 
 def blocks_of(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -348,4 +331,6 @@ class Recon(Method):
         draw = data.stream(data.rounded(config.e2e_crop), config.seed + 1) if config.e2e_iterations else None
         notes = run_recon(model, batches, config, progress, draw)
         settings = {**dataclasses.asdict(config), "calib_size": size}
+        if config.bias_correction:
+            settings["bias_corrected"] = len(correct_biases(model, batches, progress))
         return MethodRun(model, report, spec, time.perf_counter() - start, settings, None, notes)

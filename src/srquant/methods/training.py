@@ -1,5 +1,5 @@
-"""The pieces the methods share: grayscale, augmentation, the distillation loss, frozen weights, and the divergence
-guard that rolls a run back to its last sound state.
+"""The pieces the methods share: grayscale, augmentation, the execution order of layers, the distillation loss,
+frozen weights, and the divergence guard that rolls a run back to its last sound state.
 
 The FP teacher is the same network with quantization switched off (`fp_mode`), in eval mode, so no HR image is
 needed and no normalisation statistics move. A method that rewrites the weights (recon writes its learned rounding
@@ -81,6 +81,26 @@ def frozen_weights(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Itera
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+def execution_order(model: nn.Module, names: Sequence[str], sample: torch.Tensor) -> list[str]:
+    """The named modules in the order a forward pass first runs them (those it never runs are dropped)."""
+    order: list[str] = []
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, _args: tuple, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), fp_mode(model):
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
 
 
 def float_teacher(model: nn.Module) -> nn.Module:

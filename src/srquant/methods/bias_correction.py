@@ -1,0 +1,81 @@
+"""Empirical bias correction: shift each quantized layer's bias by the mean error its output shows.
+
+Quantization errors do not average out to zero per output channel; a super-resolution network passes such a
+shift straight into the image, where PSNR counts it on every pixel. After the ranges are calibrated, the layers
+are visited in execution order; each one's output is averaged per channel over the calibration crops, with the
+layers before it quantized and already corrected, and the difference to the float network's average (taken once,
+before any bias moves) is subtracted from its bias. A layer without a bias is left alone. The weights and every
+grid stay as calibrated, so checkpoints and exports need nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from srquant.methods.training import execution_order
+from srquant.quant.modules import is_quantized
+from srquant.quant.quantize import fp_mode
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the corrected layer has run."""
+
+
+def _channel_sum(out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-channel sum of a layer output (channels on dim 1 for 4-D maps, last dim otherwise) and the count."""
+    flat = out.transpose(0, 1).flatten(1) if out.dim() == 4 else out.reshape(-1, out.shape[-1]).t()
+    return flat.sum(dim=1, dtype=torch.float64), flat.shape[1]
+
+
+@contextmanager
+def _channel_means(model: nn.Module, names: Sequence[str], stop: bool) -> Iterator[dict[str, list]]:
+    """Accumulate [sum, count] of each named layer's output per channel (every call of a shared layer counts)."""
+    store: dict[str, list] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor, key: str = name) -> None:
+            total, count = _channel_sum(out)
+            entry = store.setdefault(key, [torch.zeros_like(total), 0])
+            entry[0] += total
+            entry[1] += count
+            if stop:
+                raise _Reached
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    for batch in batches:
+        try:
+            model(batch)
+        except _Reached:
+            pass
+
+
+@torch.no_grad()
+def correct_biases(model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False) -> list[str]:
+    """Correct the bias of every quantized layer that has one, in execution order (in place); returns their names."""
+    names = [n for n, m in model.named_modules() if is_quantized(m) and getattr(m, "bias", None) is not None]
+    if not names:
+        return []
+    order = execution_order(model, names, batches[0][:1])
+    with fp_mode(model), _channel_means(model, order, stop=False) as floating:
+        _run(model, batches)
+    for name in tqdm(order, desc="bias correction", disable=not progress, leave=False):
+        with _channel_means(model, [name], stop=True) as quantized:
+            _run(model, batches)
+        (q_sum, count), (f_sum, f_count) = quantized[name], floating[name]
+        bias = model.get_submodule(name).bias
+        bias -= (q_sum / count - f_sum / f_count).to(bias.dtype)
+    return order
