@@ -13,7 +13,7 @@ from srquant.errors import SrquantError
 from srquant.methods.bias_correction import correct_biases
 from srquant.methods.pipeline import quantize_model
 from srquant.methods.ptq import calibrate
-from srquant.methods.training import execution_order, float_teacher
+from srquant.methods.training import float_teacher
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import quantize_
@@ -28,13 +28,20 @@ def _crops(n: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=(16, 16), mode="bilinear").clamp(0, 1)
 
 
-def _mean_errors(model: torch.nn.Module, floating: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each quantized layer's per-channel mean output error against the same layer of the float copy."""
+def _mean_errors(
+    model: torch.nn.Module, floating: torch.nn.Module, batch: torch.Tensor
+) -> dict[str, tuple[float, int]]:
+    """Each quantized layer's largest per-channel mean output error against the float copy over all its calls,
+    and how many times a forward pass calls it."""
     names = [n for n, m in model.named_modules() if is_quantized(m)]
-    outs: dict[tuple[str, str], torch.Tensor] = {}
+    outs: dict[tuple[str, str], list[torch.Tensor]] = {}
+
+    def keep(key: tuple[str, str]):  # noqa: ANN202
+        return lambda _m, _a, o: outs.setdefault(key, []).append(o.mean(dim=(0, 2, 3)))
+
     handles = [
-        net.get_submodule(n).register_forward_hook(lambda _m, _a, o, k=(key, n): outs.__setitem__(k, o))
-        for key, net in (("q", model), ("f", floating))
+        net.get_submodule(n).register_forward_hook(keep((k, n)))
+        for k, net in (("q", model), ("f", floating))
         for n in names
     ]
     with torch.no_grad():
@@ -42,23 +49,33 @@ def _mean_errors(model: torch.nn.Module, floating: torch.nn.Module, batch: torch
         floating(batch)
     for handle in handles:
         handle.remove()
-    return {n: (outs["q", n] - outs["f", n]).mean(dim=(0, 2, 3)) for n in names}
+    ran = [n for n in names if ("q", n) in outs]  # an x2 network never runs its x3 upsampler
+    errors = {n: torch.stack(outs["q", n]).mean(0) - torch.stack(outs["f", n]).mean(0) for n in ran}
+    return {n: (float(errors[n].abs().max()), len(outs["q", n])) for n in ran}
 
 
-def test_each_layer_mean_error_vanishes_and_the_output_gets_closer() -> None:
+@pytest.mark.parametrize(("name", "first"), [("imdn", "fea_conv"), ("carn-m", "entry")])
+def test_each_layer_mean_error_vanishes_and_the_output_gets_closer(name: str, first: str) -> None:
     torch.manual_seed(0)
-    model = build_model("imdn", 2, tiny=True).eval()
-    quantize_(model, QuantSpec(4, 4, full=True), REGISTRY["imdn"].layout)
+    model = build_model(name, 2, tiny=True).eval()
+    quantize_(model, QuantSpec(4, 4, full=True), REGISTRY[name].layout)
     batches = list(_crops(16, 0).split(8))
     calibrate(model, batches, "minmax")
     floating = float_teacher(model)
     held_out = _crops(8, 7)
     with torch.no_grad():
         before = (model(held_out) - floating(held_out)).mean(dim=(0, 2, 3)).abs().max()
+    uncorrected = _mean_errors(model, floating, torch.cat(batches))
     names = correct_biases(model, batches)
-    assert names == execution_order(model, names, batches[0][:1]) and "fea_conv" in names
+    assert names[0] == first
     errors = _mean_errors(model, floating, torch.cat(batches))
-    assert max(float(errors[n].abs().max()) for n in names) < 1e-4  # every layer, in order, centred
+    for layer in names:
+        error, calls = errors[layer]
+        if calls == 1:
+            assert error < 1e-4, layer  # centred exactly
+        else:  # a shared unit: centred over its calls, up to what the layers corrected after it move
+            assert error < 0.1 * uncorrected[layer][0], layer
+    assert name != "carn-m" or any(calls > 1 for _, calls in errors.values())
     with torch.no_grad():
         after = (model(held_out) - floating(held_out)).mean(dim=(0, 2, 3)).abs().max()
     assert after < before  # and the network's colour shift on unseen crops shrinks

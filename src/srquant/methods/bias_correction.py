@@ -4,8 +4,10 @@ Quantization errors do not average out to zero per output channel; a super-resol
 shift straight into the image, where PSNR counts it on every pixel. After the ranges are calibrated, the layers
 are visited in execution order; each one's output is averaged per channel over the calibration crops, with the
 layers before it quantized and already corrected, and the difference to the float network's average (taken once,
-before any bias moves) is subtracted from its bias. A layer without a bias is left alone. The weights and every
-grid stay as calibrated, so checkpoints and exports need nothing new.
+before any bias moves) is subtracted from its bias. A layer the network calls several times with one set of weights
+(CARN-M's shared units) is averaged over all its calls, in both networks; since the layers corrected after its
+first call move its later calls, such a network gets three sweeps. A layer without a bias is left alone.
+The weights and every grid stay as calibrated, so checkpoints and exports need nothing new.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from srquant.methods.training import execution_order
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import fp_mode
 
+SHARED_SWEEPS = 3  # a shared layer's later calls move when layers after its first call are corrected: sweep again
+
 
 class _Reached(Exception):
     """Raised by a hook to end a forward pass once the corrected layer has run."""
@@ -33,18 +37,20 @@ def _channel_sum(out: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @contextmanager
-def _channel_means(model: nn.Module, names: Sequence[str], stop: bool) -> Iterator[dict[str, list]]:
-    """Accumulate [sum, count] of each named layer's output per channel (every call of a shared layer counts)."""
+def _channel_means(model: nn.Module, names: Sequence[str], stop_after: int = 0) -> Iterator[dict[str, list]]:
+    """Accumulate [sum, count, calls] of each named layer's output per channel: every call of a shared layer
+    counts. With `stop_after` > 0 the forward pass ends once the (single) named layer has run that many times."""
     store: dict[str, list] = {}
     handles = []
     for name in names:
 
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor, key: str = name) -> None:
             total, count = _channel_sum(out)
-            entry = store.setdefault(key, [torch.zeros_like(total), 0])
+            entry = store.setdefault(key, [torch.zeros_like(total), 0, 0])
             entry[0] += total
             entry[1] += count
-            if stop:
+            entry[2] += 1
+            if stop_after and entry[2] % stop_after == 0:
                 raise _Reached
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
@@ -70,12 +76,15 @@ def correct_biases(model: nn.Module, batches: Sequence[torch.Tensor], progress: 
     if not names:
         return []
     order = execution_order(model, names, batches[0][:1])
-    with fp_mode(model), _channel_means(model, order, stop=False) as floating:
+    with fp_mode(model), _channel_means(model, order) as floating:
         _run(model, batches)
-    for name in tqdm(order, desc="bias correction", disable=not progress, leave=False):
-        with _channel_means(model, [name], stop=True) as quantized:
-            _run(model, batches)
-        (q_sum, count), (f_sum, f_count) = quantized[name], floating[name]
-        bias = model.get_submodule(name).bias
-        bias -= (q_sum / count - f_sum / f_count).to(bias.dtype)
+    calls = {name: floating[name][2] // len(batches) for name in order}  # shared layers (CARN-M's units) run often
+    sweeps = SHARED_SWEEPS if any(count > 1 for count in calls.values()) else 1
+    for sweep in range(sweeps):
+        for name in tqdm(order, desc=f"bias correction {sweep + 1}/{sweeps}", disable=not progress, leave=False):
+            with _channel_means(model, [name], stop_after=calls[name]) as quantized:
+                _run(model, batches)
+            (q_sum, count, _), (f_sum, f_count, _) = quantized[name], floating[name]
+            bias = model.get_submodule(name).bias
+            bias -= (q_sum / count - f_sum / f_count).to(bias.dtype)
     return order
