@@ -56,7 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None)
     parser.add_argument("--networks", default="imdn,pan,carn-m")
-    parser.add_argument("--methods", default="minmax,percentile,dobi,2dquant,recon")
+    parser.add_argument(
+        "--methods", default="minmax,percentile,dobi,2dquant,recon,minmax+bc,percentile+bc,dobi+bc,recon+bc"
+    )
     parser.add_argument("--threads", type=int)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
