@@ -260,15 +260,11 @@ def _train_block(
         if roundings and step >= int(config.warmup * config.iterations):  # no rounding term in the warm-up
             beta = annealed_beta(step, config.iterations, config.beta_start, config.beta_end, config.warmup)
             loss = loss + config.round_weight * sum(r.regularizer(beta) for r in roundings)
-        if not guard.admit(float(recon.detach()), f"{label} step {step}", optimizer):
+        if not guard.step(loss, float(recon.detach()), f"{label} step {step}", optimizer):  # judged on the fit alone
             if guard.stopped:
                 break
             continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         scheduler.step()
-        guard.record(float(recon.detach()))
     return guard.rollbacks
 
 

@@ -204,6 +204,24 @@ class DivergenceGuard:
         self.good = self._snapshot()
         return True
 
+    def step(
+        self,
+        loss: torch.Tensor,
+        value: float,
+        label: str,
+        optimizer: torch.optim.Optimizer,
+        monitored: float | None = None,
+    ) -> bool:
+        """One guarded update: judge `value` (and `monitored`), then backpropagate `loss`, step the optimizer and
+        record the judged loss. False: the state was rolled back instead (`stopped` says whether to give up)."""
+        if not self.admit(value, label, optimizer, monitored):
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.record(value if monitored is None else monitored)
+        return True
+
     def record(self, value: float) -> None:
         """Add a sound loss to the history."""
         self.recent = (self.recent + [value])[-self.history :]

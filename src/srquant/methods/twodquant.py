@@ -139,15 +139,11 @@ def run_dqc(
                 batch = dihedral(batch, random_dihedral(generator))
             loss = loss_of(batch)
             value = float(loss.detach())
-            if not guard.admit(value, f"step {step}", optimizer):
+            if not guard.step(loss, value, f"step {step}", optimizer):
                 if guard.stopped:
                     break
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             scheduler.step()
-            guard.record(value)
             report.losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}")
         if config.iterations:

@@ -124,14 +124,10 @@ def fine_tune(
                     loss = loss + config.bit_weight * (model.last_bits.mean() - controller.base_bits).clamp_min(0)
                 value, distill_value = float(loss.detach()), float(distill.detach())
                 label = f"epoch {epoch} ({phase} phase) step {step}"
-                if not guard.admit(value, label, optimizer, monitored=distill_value):
+                if not guard.step(loss, value, label, optimizer, monitored=distill_value):
                     if guard.stopped:
                         break
                     continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                guard.record(distill_value)
                 log.losses.append(value)
                 log.phases.append(phase)
                 bar.set_postfix(phase=phase, loss=f"{value:.4f}")

@@ -398,14 +398,10 @@ def _train(
                 task = _task_loss(model, lr, hr, config)
                 loss = task + bit_cost(controller, config)
                 value, task_value = float(loss.detach()), float(task.detach())
-                if not guard.admit(value, f"step {step}", optimizer, monitored=task_value):
+                if not guard.step(loss, value, f"step {step}", optimizer, monitored=task_value):
                     if guard.stopped:
                         break
                     continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                guard.record(task_value)
                 result.losses.append(value)
                 if controller.last_bits is not None:
                     result.mean_bits.append(float(controller.last_bits.float().mean()))
