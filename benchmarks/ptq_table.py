@@ -152,7 +152,8 @@ def write_methods_table(done: dict, preset: str) -> None:
         "calibration images; each cell's torch threads and machine are in docs/results/ptq.json (`machine`), and "
         "cells that ran beside another job are upper bounds (docs/quantization.md gives idle timings). Size: "
         "parameter storage in decimal MB. The last column is 2DQuant's Table 3 Set5 drop for the same method on "
-        "SwinIR-light x4, for scale.\n"
+        "SwinIR-light x4, for scale. The command above runs every cell on all four sets; a cell with sets missing "
+        "was run on its own (`--only NETWORK:BITS:METHOD:channel --datasets Set5,Set14 --threads 1`).\n"
     )
     cols = " | ".join(f"{d} PSNR/SSIM (drop)" for d in DATASETS)
     lines.append(f"| network | bits | method | {cols} | calib s | size MB | published Set5 drop |")
