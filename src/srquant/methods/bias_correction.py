@@ -12,14 +12,14 @@ The weights and every grid stay as calibrated, so checkpoints and exports need n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from srquant.methods.training import execution_order
+from srquant.methods.training import execution_order, forward_hooks
 from srquant.quant.modules import is_quantized
 from srquant.quant.quantize import fp_mode
 
@@ -41,10 +41,9 @@ def _channel_means(model: nn.Module, names: Sequence[str], stop_after: int = 0) 
     """Accumulate [sum, count, calls] of each named layer's output per channel: every call of a shared layer
     counts. With `stop_after` > 0 the forward pass ends once the (single) named layer has run that many times."""
     store: dict[str, list] = {}
-    handles = []
-    for name in names:
 
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor, key: str = name) -> None:
+    def accumulate(key: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
             total, count = _channel_sum(out)
             entry = store.setdefault(key, [torch.zeros_like(total), 0, 0])
             entry[0] += total
@@ -53,12 +52,10 @@ def _channel_means(model: nn.Module, names: Sequence[str], stop_after: int = 0) 
             if stop_after and entry[2] % stop_after == 0:
                 raise _Reached
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
+        return hook
+
+    with forward_hooks(model, {name: accumulate(name) for name in names}):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _run(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -52,21 +52,29 @@ def normalised_feature_distance(student: torch.Tensor, teacher: torch.Tensor) ->
 
 
 @contextmanager
-def capture_stages(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of the named stage modules during forward passes."""
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-
-        def hook(_m: nn.Module, _i: tuple, out: torch.Tensor, key: str = name) -> None:
-            store[key] = out[0] if isinstance(out, tuple) else out
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+def forward_hooks(model: nn.Module, hooks: dict[str, Callable[..., None]]) -> Iterator[None]:
+    """Register a forward hook on each named module for the duration of the block."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
     try:
-        yield store
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def capture_stages(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the named stage modules during forward passes."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(key: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+            store[key] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    with forward_hooks(model, {name: keep(name) for name in names}):
+        yield store
 
 
 @contextmanager
