@@ -6,7 +6,7 @@ tensors) and, with `--per-layer`, single output quantizers are switched back to 
         [--per-layer]
 
 Writes docs/results/deploy_ablation_<network>_<method>.md (fake-quant model; the integer graph follows it within
-0.012 dB, docs/results/deploy_quality.md).
+0.015 dB, docs/results/deploy_quality.md).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from srquant.errors import SrquantError
 from srquant.methods.bias_correction import correct_biases
 from srquant.methods.pipeline import quantize_model
 from srquant.methods.ptq import calibrate
+from srquant.methods.recon import ReconConfig, run_recon
 from srquant.methods.training import float_teacher
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.modules import is_quantized
@@ -79,6 +80,19 @@ def test_each_layer_mean_error_vanishes_and_the_output_gets_closer(name: str, fi
     with torch.no_grad():
         after = (model(held_out) - floating(held_out)).mean(dim=(0, 2, 3)).abs().max()
     assert after < before  # and the network's colour shift on unseen crops shrinks
+
+
+def test_after_recon_the_biases_are_centred_on_the_float_network_not_on_the_rounded_one() -> None:
+    torch.manual_seed(0)
+    model = build_model("imdn", 2, tiny=True).eval()
+    quantize_(model, QuantSpec(3, 3), REGISTRY["imdn"].layout)
+    batches = list(_crops(16, 0).split(8))
+    calibrate(model, batches, "dobi")
+    floating = float_teacher(model)
+    run_recon(model, batches, ReconConfig(iterations=5, batch_size=4), teacher=floating)
+    names = correct_biases(model, batches, reference=floating)
+    errors = _mean_errors(model, floating, torch.cat(batches))
+    assert names and max(errors[n][0] for n in names) < 1e-4
 
 
 def test_the_flag_runs_after_the_range_methods_and_is_refused_elsewhere(tmp_path: Path) -> None:

@@ -67,14 +67,19 @@ def _run(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def correct_biases(model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False) -> list[str]:
-    """Correct the bias of every quantized layer that has one, in execution order (in place); returns their names."""
+def correct_biases(
+    model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = False, reference: nn.Module | None = None
+) -> list[str]:
+    """Correct the bias of every quantized layer that has one, in execution order (in place); returns their names.
+    The float averages come from the model's own FP mode, or from `reference` (a `float_teacher` copy) when the
+    weights no longer hold their float values (recon)."""
     names = [n for n, m in model.named_modules() if is_quantized(m) and getattr(m, "bias", None) is not None]
     if not names:
         return []
     order = execution_order(model, names, batches[0][:1])
-    with fp_mode(model), _channel_means(model, order) as floating:
-        _run(model, batches)
+    floating_net = model if reference is None else reference
+    with fp_mode(floating_net), _channel_means(floating_net, order) as floating:
+        _run(floating_net, batches)
     calls = {name: floating[name][2] // len(batches) for name in order}  # shared layers (CARN-M's units) run often
     sweeps = SHARED_SWEEPS if any(count > 1 for count in calls.values()) else 1
     for sweep in range(sweeps):

@@ -274,14 +274,17 @@ def run_recon(
     config: ReconConfig,
     progress: bool = False,
     draw_e2e: Callable[[int], torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[str]:
-    """Reconstruct a DOBI-calibrated quantized network block by block on the calibration batches (in place)."""
+    """Reconstruct a DOBI-calibrated quantized network block by block on the calibration batches (in place), against
+    `teacher` (a `float_teacher` copy of it, made here when not given)."""
     model.eval()
     device = batches[0].device
     generator = torch.Generator(device=device).manual_seed(config.seed)
     notes: list[str] = []
     blocks = blocks_of(model, batches[0][:1])
-    teacher = float_teacher(model)  # taken before any block writes its rounding into the weights
+    if teacher is None:  # a float copy, taken before any block writes its rounding into the weights
+        teacher = float_teacher(model)
     for index, name in enumerate(blocks):
         block = model.get_submodule(name)
         floating = block_data(teacher, teacher.get_submodule(name), batches, quantized=False)
@@ -325,8 +328,9 @@ class Recon(Method):
         batches = data.batches(config.calib_count, size, config.calib_batch, config.seed)
         calibrate(model, batches, "dobi", progress=progress)
         draw = data.stream(data.rounded(config.e2e_crop), config.seed + 1) if config.e2e_iterations else None
-        notes = run_recon(model, batches, config, progress, draw)
+        teacher = float_teacher(model)  # the float network, for the blocks and for bias correction
+        notes = run_recon(model, batches, config, progress, draw, teacher)
         settings = {**dataclasses.asdict(config), "calib_size": size}
         if config.bias_correction:
-            settings["bias_corrected"] = len(correct_biases(model, batches, progress))
+            settings["bias_corrected"] = len(correct_biases(model, batches, progress, reference=teacher))
         return MethodRun(model, report, spec, time.perf_counter() - start, settings, None, notes)

@@ -127,7 +127,9 @@ def run_dqc(
     with frozen_weights(model, params), capture_stages(model, stages) as feats, reference as teacher_feats:
 
         def loss_of(batch: torch.Tensor) -> torch.Tensor:
-            return distillation_loss(model, batch, stages, feats, config.feature_weight, False, teacher, teacher_feats)
+            return distillation_loss(
+                model, batch, stages, feats, config.feature_weight, teacher=teacher, teacher_feats=teacher_feats
+            )
 
         with torch.no_grad():
             seeds = [float(loss_of(draw_batch(config.batch_size))) for _ in range(config.guard_seed_batches)]
