@@ -92,6 +92,27 @@ def test_clip_gradient_sums_over_clipped_elements() -> None:
     assert lower.grad.item() == 11.0 and upper.grad.item() == 11000.0
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("align_zero", [False, True])
+def test_crossed_bounds_read_the_same_in_training_and_evaluation(rows: int, align_zero: bool) -> None:
+    """Bound training can push lower above upper (2DQuant W2A2 on PAN did); the training path (autograd on) and
+    the grid of evaluation and export must then agree, or a model that trained well is broken at test time."""
+    q = AsymmetricQuantizer(2, rows=rows, align_zero=align_zero)
+    q.mode = QuantMode.QUANT
+    with torch.no_grad():
+        q.lower_bound.fill_(0.4)
+        q.upper_bound.fill_(-0.2)
+        if rows > 1:
+            q.upper_bound[0] = 1.0  # one row ordered, the others crossed
+    x = torch.linspace(-1, 1.5, rows * 12).reshape(rows, 12)
+    trained = q(x.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        evaluated = q(x)
+    torch.testing.assert_close(trained, evaluated)
+    lower, upper = q.bounds()
+    assert bool((upper > lower).all())
+
+
 def test_symmetric_and_lsq_grids() -> None:
     sym = SymmetricQuantizer(bits=3)  # levels -3..3 times u/3
     sym.set_range(-1.5, 3.0)

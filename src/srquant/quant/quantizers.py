@@ -227,6 +227,9 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}, mode={self.mode.value}{extras}" + (", one_sided" if self.one_sided else "")
 
 
+MIN_RANGE = 1e-6  # the narrowest range a two-bound quantizer takes (calibrated or trained)
+
+
 class AsymmetricQuantizer(Quantizer):
     """Uniform asymmetric quantizer with two learnable bounds (2DQuant): weights and activations.
 
@@ -240,8 +243,15 @@ class AsymmetricQuantizer(Quantizer):
         self.lower_bound = nn.Parameter(torch.zeros(_param_shape(rows)))
         self.upper_bound = nn.Parameter(torch.ones(_param_shape(rows)))
 
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounds both paths use: training moves lower and upper independently and can cross them, so the
+        upper one is taken as at least lower + MIN_RANGE (otherwise the clip of the training path and the grid
+        of evaluation and export would read crossed bounds differently)."""
+        lower = self._rows_param(self.lower_bound)
+        return lower, torch.maximum(self._rows_param(self.upper_bound), lower + MIN_RANGE)
+
     def grid(self, x: torch.Tensor | None = None) -> Grid:
-        lower, upper = self._rows_param(self.lower_bound.detach()), self._rows_param(self.upper_bound.detach())
+        lower, upper = (b.detach() for b in self.bounds())
         return asymmetric_grid(lower, upper, self.bits_for(x), self.align_zero, self.rows)
 
     def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
@@ -250,13 +260,13 @@ class AsymmetricQuantizer(Quantizer):
     def set_range(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
         low, high = self._as_param(lower, self.lower_bound), self._as_param(upper, self.upper_bound)
         self._check_finite(low, high)
-        high = torch.maximum(high, low + 1e-6)
+        high = torch.maximum(high, low + MIN_RANGE)
         with torch.no_grad():
             self.lower_bound.copy_(low)
             self.upper_bound.copy_(high)
 
     def train_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        lower, upper = self._rows_param(self.lower_bound), self._rows_param(self.upper_bound)
+        lower, upper = self.bounds()
         bits = self.bits_for(x)
         if self.align_zero:
             lower, upper = zero_aligned(lower, upper, bits)
