@@ -115,19 +115,32 @@ def random_cell(source: Path, method: str, datasets: list[str], assets: str | No
     return {"scores": scores, "shares": {d: {str(k): v for k, v in s.items()} for d, s in used.items()}}
 
 
-def run(name: str, method: str, variant: str, datasets: list[str], assets: str | None, work: Path) -> dict:
-    """One cell, resumable through its checkpoint and bit records in `work`."""
+def run(
+    name: str, method: str, variant: str, datasets: list[str], assets: str | None, work: Path, done: dict | None
+) -> dict:
+    """One cell, resumable through its checkpoint and bit records in `work`: a stored cell whose checkpoint is
+    still there is only evaluated on the datasets it lacks (no second calibration)."""
+    missing = [d for d in datasets if done is None or d not in done["scores"]]
     if variant.startswith("random"):
         source_variant = "adaptive" if method in ADABM_BASES else "budget" + variant.removeprefix("random")
         source = work / f"{name}_{method}_{source_variant}.pt"
         if not source.is_file():
             raise SystemExit(f"run {name}|{method}|{source_variant} before its random control")
-        return random_cell(source, method, datasets, assets)
+        added = random_cell(source, method, missing, assets)
+        if done is None:
+            return added
+        shares = {**done.get("shares", {}), **added["shares"]}
+        return {**done, "scores": {**done["scores"], **added["scores"]}, "shares": shares}
     path = work / f"{name}_{method}_{variant}.pt"
-    made = quantize_cell(name, method, variant, assets, path)
-    scores, bits = evaluate_cell(path, datasets, assets)
-    path.with_suffix(".bits.json").write_text(json.dumps(bits))
-    return {**made, "scores": scores}
+    if done is None or not path.is_file():
+        made = quantize_cell(name, method, variant, assets, path)
+        missing, previous, old_bits = datasets, {}, {}
+    else:
+        made, previous = {k: v for k, v in done.items() if k != "scores"}, done["scores"]
+        old_bits = load_json(path.with_suffix(".bits.json"))
+    scores, bits = evaluate_cell(path, missing, assets)
+    path.with_suffix(".bits.json").write_text(json.dumps({**old_bits, **bits}))
+    return {**made, "scores": {**previous, **scores}}
 
 
 def main() -> None:
@@ -152,7 +165,7 @@ def main() -> None:
         done = load_json(STORE).get(key)
         if done is not None and all(d in done["scores"] for d in datasets):
             continue
-        cell = run(name, method, variant, datasets, args.assets, args.work)
+        cell = run(name, method, variant, datasets, args.assets, args.work, done)
         update_json(STORE, key, cell)
         first = cell["scores"][datasets[0]]
         print(f"{key:<36} {datasets[0]} {first['psnr']:.2f} FAB {first['fab']:.2f}", flush=True)

@@ -55,6 +55,16 @@ def patch_boxes(height: int, width: int, patch: int = 96, step: int = 90) -> lis
     ]
 
 
+def paste_patch(
+    out: torch.Tensor, weight: torch.Tensor, sr_patch: torch.Tensor, box: tuple[int, int, int, int], scale: int
+) -> None:
+    """Add one patch's SR output (1xCxhxw) at its LR box (top, left, h, w) to the canvas and count it in `weight`;
+    the image is `out / weight` once every patch is in (overlaps averaged)."""
+    t, c, h, w = box
+    out[..., t * scale : (t + h) * scale, c * scale : (c + w) * scale] += sr_patch
+    weight[..., t * scale : (t + h) * scale, c * scale : (c + w) * scale] += 1
+
+
 @torch.no_grad()
 def upscale_patchwise(
     model: nn.Module,
@@ -93,8 +103,7 @@ def upscale_patchwise(
             weight = x.new_zeros(1, 1, height * scale, width * scale)
         assert weight is not None
         for k, (t, c, h, w) in enumerate(group):
-            out[..., t * scale : (t + h) * scale, c * scale : (c + w) * scale] += sr[k : k + 1]
-            weight[..., t * scale : (t + h) * scale, c * scale : (c + w) * scale] += 1
+            paste_patch(out, weight, sr[k : k + 1], (t, c, h, w), scale)
             bits.append(PatchBit(t, c, h, w, int(chosen[k]) if chosen is not None else 32))
     assert out is not None and weight is not None
     sr_image = out / weight
