@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, header, save_json
+from common import RESULTS, command, header, load_json, save_json
 
 from srquant import api, evaluate
 from srquant.data.benchmark import BenchmarkSet
@@ -149,7 +149,9 @@ def shuffled(images: list[ImagePatches], seed: int) -> list[list[int]]:
 
 
 def fixed_line(fixed: dict[int, float], fab: float) -> float | None:
-    """The fixed twins' PSNR at `fab`, linear between the two nearest bits."""
+    """The fixed twins' PSNR at `fab`, linear between the two nearest bits (a twin's own PSNR at its bit)."""
+    if fab in fixed:
+        return fixed[fab]
     points = sorted(fixed.items())
     for (b0, p0), (b1, p1) in zip(points, points[1:], strict=False):
         if b0 <= fab <= b1:
@@ -166,9 +168,15 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from the stored JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table_only:
+        name = args.name or args.model.stem
+        stored = load_json(RESULTS / f"granular_oracle_{name}.json")
+        write_table(name, stored["datasets"], stored["command"])
+        return
     model = api.load_quantized(args.model, "cpu")
     bits = sorted({*model.controller.gbc_bits, *(model.controller.e2b_bits if model.controller.use_e2b else ())})
     fixed_models = {int(b): Path(p) for b, p in (item.split("=") for item in args.fixed.split(",") if item)}
@@ -194,13 +202,13 @@ def main() -> None:
             "patches": sum(len(im.boxes) for im in images),
         }
         print(dataset_name, {k: f"{p:.3f}@{f:.2f}" for k, (p, f) in rows.items()}, "twins", fixed, flush=True)
-    save_json(RESULTS / f"granular_oracle_{name}.json", record)
-    write_table(name, record)
+    save_json(RESULTS / f"granular_oracle_{name}.json", {"command": command(), "datasets": record})
+    write_table(name, record, command())
 
 
-def write_table(name: str, record: dict[str, dict]) -> None:
+def write_table(name: str, record: dict[str, dict], produced_by: str) -> None:
     """The markdown table: each allocation's PSNR and FAB, against the fixed line and the random shuffle."""
-    lines = [header(f"Granular-DQ allocations against an HR oracle ({name}, x4)"), ""]
+    lines = [header(f"Granular-DQ allocations against an HR oracle ({name}, x4)", produced_by), ""]
     lines.append(
         "PSNR (BasicSR) at the FAB each allocation runs; `vs fixed line`: minus the separately trained fixed-bit "
         "twins interpolated at that FAB; `vs random`: minus the same histogram shuffled over each image's patches. "
