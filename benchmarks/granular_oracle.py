@@ -34,7 +34,7 @@ from common import RESULTS, command, header, load_json, save_json
 from srquant import api, evaluate
 from srquant.data.benchmark import BenchmarkSet
 from srquant.data.io import to_tensor, to_uint8
-from srquant.methods.granular_dq.patchwise import paste_patch, patch_boxes
+from srquant.methods.granular_dq.patchwise import PatchwiseBitsModel, paste_patch
 from srquant.metrics.psnr_ssim import get_convention, psnr_y, y_channel
 
 SCALE = 4
@@ -44,7 +44,6 @@ SCALE = 4
 class ImagePatches:
     """One test image: its HR, its patch boxes and each patch's SR output at every candidate bit."""
 
-    name: str
     hr: np.ndarray
     lr_size: tuple[int, int]
     boxes: list[tuple[int, int, int, int]]
@@ -53,41 +52,34 @@ class ImagePatches:
     patch_errors: dict[int, np.ndarray]  # bit -> per-patch squared error on Y (sum over the patch's HR area)
 
 
+def patch_error(sr_patch: torch.Tensor, hr_y: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Squared error on Y (BasicSR) of one patch's uint8 SR output against its HR area (sum, no border crop)."""
+    t, c, h, w = box
+    area = hr_y[SCALE * t : SCALE * (t + h), SCALE * c : SCALE * (c + w)]
+    return float(((y_channel(to_uint8(sr_patch), get_convention("basicsr")) - area) ** 2).sum())
+
+
 @torch.no_grad()
-def run_patches(model, dataset: BenchmarkSet, bits: list[int]) -> list[ImagePatches]:
-    """Every patch of every image at every bit, and at the controller's own bit."""
+def run_patches(model: PatchwiseBitsModel, dataset: BenchmarkSet, bits: list[int]) -> list[ImagePatches]:
+    """Every patch of every image at every bit (the controller forced to it), and the controller's own bits."""
     controller, network = model.controller, model.network
-    y = get_convention("basicsr")
     images = []
     for pair in dataset.iter_pairs(SCALE):
         lr = to_tensor(pair.lr)
-        height, width = lr.shape[-2:]
-        boxes = patch_boxes(height, width, model.patch, model.stride)
-        hr_y = y_channel(pair.hr, y).astype(np.float64)
+        chosen = model.patch_bits(lr)  # the patches and bits `srquant eval` runs
+        boxes = [(p.top, p.left, p.height, p.width) for p in chosen]
+        hr_y = y_channel(pair.hr, get_convention("basicsr")).astype(np.float64)
         outputs: dict[int, list[torch.Tensor]] = {}
         errors: dict[int, np.ndarray] = {}
-        chosen = []
-        for t, c, h, w in boxes:
-            crop = lr[..., t : t + h, c : c + w]
+        try:
+            for b in bits:
+                controller.fixed_bits = b
+                outputs[b] = [network(lr[..., t : t + h, c : c + w]) for t, c, h, w in boxes]
+                errors[b] = np.array([patch_error(o, hr_y, box) for o, box in zip(outputs[b], boxes, strict=True)])
+        finally:
             controller.fixed_bits = None
-            network(crop)
-            chosen.append(int(controller.last_bits[0]))
-        for b in bits:
-            controller.fixed_bits = b
-            outputs[b] = [network(lr[..., t : t + h, c : c + w]) for t, c, h, w in boxes]
-            errors[b] = np.array(
-                [
-                    float(
-                        (
-                            (y_channel(to_uint8(o), y) - hr_y[SCALE * t : SCALE * (t + h), SCALE * c : SCALE * (c + w)])
-                            ** 2
-                        ).sum()
-                    )
-                    for o, (t, c, h, w) in zip(outputs[b], boxes, strict=True)
-                ]
-            )
-        controller.fixed_bits = None
-        images.append(ImagePatches(pair.name, pair.hr, (height, width), boxes, outputs, chosen, errors))
+        lr_size = (lr.shape[-2], lr.shape[-1])
+        images.append(ImagePatches(pair.hr, lr_size, boxes, outputs, [p.bit for p in chosen], errors))
     return images
 
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the shipped assets are, a private cache for generated files, hook counters."""
+"""Shared test fixtures: where the shipped assets are, a private cache for generated files, hook counters, folders
+of random images."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from srquant.metrics.complexity import HOOK_NAMES
@@ -71,6 +74,23 @@ def _count_hook_calls(model: nn.Module, attention_type: type[nn.Module]) -> Hook
         counters.append(own)
     assert counters, f"no {attention_type.__name__} in {type(model).__name__}"
     return counters
+
+
+@pytest.fixture
+def noise_images(tmp_path: Path) -> Callable[..., Path]:
+    """``make(count, height, width=height, width_step=0)``: a folder `train/` of random RGB PNGs (seed 0), image i
+    `width + i * width_step` wide; calibration data that no test result may depend on in detail."""
+
+    def make(count: int, height: int, width: int | None = None, width_step: int = 0) -> Path:
+        folder = tmp_path / "train"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(count):
+            shape = (height, (width or height) + i * width_step, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+        return folder
+
+    return make
 
 
 @pytest.fixture

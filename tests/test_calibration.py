@@ -3,37 +3,30 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from srquant.data.calibration import CalibrationConfig, sample_crops
 from srquant.data.imresize import bicubic_downsample
 from srquant.errors import SrquantError
 
-
-def _folder(tmp_path: Path, n: int = 3, size: int = 48) -> Path:
-    folder = tmp_path / "train"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size + 8 * i, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+MakeFolder = Callable[..., Path]
 
 
-def test_same_seed_same_crops_other_seed_other_crops(tmp_path: Path) -> None:
-    folder = _folder(tmp_path)
+def test_same_seed_same_crops_other_seed_other_crops(noise_images: MakeFolder) -> None:
+    folder = noise_images(3, 48, width_step=8)
     a, _ = sample_crops(CalibrationConfig(folder, scale=2, count=4, size=8, seed=7))
     b, _ = sample_crops(CalibrationConfig(folder, scale=2, count=4, size=8, seed=7))
     c, _ = sample_crops(CalibrationConfig(folder, scale=2, count=4, size=8, seed=8))
     assert a.shape == (4, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_hr_crops_are_aligned_with_lr(tmp_path: Path) -> None:
-    folder = _folder(tmp_path, n=1, size=40)
+def test_hr_crops_are_aligned_with_lr(noise_images: MakeFolder) -> None:
+    folder = noise_images(1, 40)
     lr, hr = sample_crops(CalibrationConfig(folder, scale=2, count=1, size=20, seed=0), with_hr=True)
     assert hr is not None and hr.shape == (1, 3, 40, 40)  # the whole image: only one position fits
     hr_u8 = (hr[0].permute(1, 2, 0) * 255).round().byte().numpy()
@@ -41,10 +34,10 @@ def test_hr_crops_are_aligned_with_lr(tmp_path: Path) -> None:
     assert np.array_equal(bicubic_downsample(hr_u8, 2), lr_u8)
 
 
-def test_benchmark_folder_and_copies_are_refused(tmp_path: Path) -> None:
+def test_benchmark_folder_and_copies_are_refused(tmp_path: Path, noise_images: MakeFolder) -> None:
     datasets = tmp_path / "datasets" / "Set5" / "HR"
     datasets.mkdir(parents=True)
-    train = _folder(tmp_path)
+    train = noise_images(3, 48, width_step=8)
     with pytest.raises(SrquantError, match="benchmark"):
         sample_crops(CalibrationConfig(datasets.parent, scale=2, count=1, size=8), datasets_root=tmp_path / "datasets")
     shutil.copy(train / "1.png", datasets / "leaked.png")
@@ -52,8 +45,8 @@ def test_benchmark_folder_and_copies_are_refused(tmp_path: Path) -> None:
         sample_crops(CalibrationConfig(train, scale=2, count=1, size=8), datasets_root=tmp_path / "datasets")
 
 
-def test_too_small_images_and_bad_config(tmp_path: Path) -> None:
-    folder = _folder(tmp_path, n=1, size=16)
+def test_too_small_images_and_bad_config(noise_images: MakeFolder) -> None:
+    folder = noise_images(1, 16)
     with pytest.raises(SrquantError, match="large enough"):
         sample_crops(CalibrationConfig(folder, scale=4, count=1, size=8))
     with pytest.raises(SrquantError):

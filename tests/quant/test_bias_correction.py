@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from srquant.errors import SrquantError
 from srquant.methods.bias_correction import correct_biases
@@ -95,12 +94,8 @@ def test_after_recon_the_biases_are_centred_on_the_float_network_not_on_the_roun
     assert names and max(errors[n][0] for n in names) < 1e-4
 
 
-def test_the_flag_runs_after_the_range_methods_and_is_refused_elsewhere(tmp_path: Path) -> None:
-    folder = tmp_path / "train"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+def test_the_flag_runs_after_the_range_methods_and_is_refused_elsewhere(noise_images: Callable[..., Path]) -> None:
+    folder = noise_images(2, 64)
 
     def run(method: str, **overrides: object):  # noqa: ANN202
         model = build_model("imdn", 2, tiny=True).eval()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from srquant.cli import main
 from srquant.methods.pipeline import quantize_model
@@ -96,12 +96,8 @@ def test_feature_distance_normalises_each_sample_separately() -> None:
     assert normalised_feature_distance(a, b) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_pipeline_runs_2dquant_on_a_folder(tmp_path: Path) -> None:
-    folder = tmp_path / "train"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+def test_pipeline_runs_2dquant_on_a_folder(noise_images: Callable[..., Path]) -> None:
+    folder = noise_images(3, 160)
     model = build_model("lmlt-tiny", 2, tiny=True).eval()
     result = quantize_model(
         model,

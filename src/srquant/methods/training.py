@@ -52,9 +52,14 @@ def normalised_feature_distance(student: torch.Tensor, teacher: torch.Tensor) ->
 
 
 @contextmanager
-def forward_hooks(model: nn.Module, hooks: dict[str, Callable[..., None]]) -> Iterator[None]:
-    """Register a forward hook on each named module for the duration of the block."""
-    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+def forward_hooks(model: nn.Module, hooks: dict[str, Callable[..., None]], pre: bool = False) -> Iterator[None]:
+    """Register a forward hook (`pre`: a forward pre-hook) on each named module for the duration of the block."""
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(hook)
+        if pre
+        else model.get_submodule(name).register_forward_hook(hook)
+        for name, hook in hooks.items()
+    ]
     try:
         yield
     finally:
@@ -94,20 +99,16 @@ def frozen_weights(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Itera
 def execution_order(model: nn.Module, names: Sequence[str], sample: torch.Tensor) -> list[str]:
     """The named modules in the order a forward pass first runs them (those it never runs are dropped)."""
     order: list[str] = []
-    handles = []
-    for name in names:
 
-        def hook(_m: nn.Module, _args: tuple, name: str = name) -> None:
+    def first_call(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: tuple) -> None:
             if name not in order:
                 order.append(name)
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), fp_mode(model):
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
+        return hook
+
+    with torch.no_grad(), fp_mode(model), forward_hooks(model, {n: first_call(n) for n in names}, pre=True):
+        model(sample)
     return order
 
 
