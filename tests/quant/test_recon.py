@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from srquant.errors import SrquantError
 from srquant.methods import recon
 from srquant.methods.dbdc_pac import DBDC_PAC_PRESETS, pac_schedule
-from srquant.methods.pipeline import load_quantized, save_quantized
+from srquant.methods.pipeline import load_quantized, quantize_model, save_quantized
 from srquant.methods.ptq import calibrate
 from srquant.methods.recon import ReconConfig, block_data, blocks_of, run_recon
 from srquant.methods.training import float_teacher
@@ -189,3 +190,61 @@ def test_pac_trains_the_bounds_only_and_stays_sound() -> None:
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())  # network weights untouched
     assert any(not torch.equal(a, b) for a, b in zip(acts, before, strict=True))  # the activation bounds moved
+
+
+def _undecided_share_at_fold(monkeypatch, config: ReconConfig) -> float:  # noqa: ANN001
+    """The share of soft rounding decisions still strictly between 0.01 and 0.99 when the blocks fold them."""
+    shares: list[float] = []
+    fold = recon.fold_rounding
+
+    def spy(module: torch.nn.Module) -> None:
+        rounding = module.weight_quantizer.rounding
+        if rounding is not None:
+            h = rounding.h().detach()
+            shares.append(float(((h > 0.01) & (h < 0.99)).float().mean()))
+        fold(module)
+
+    monkeypatch.setattr(recon, "fold_rounding", spy)
+    run_recon(_quantized(), list(_smooth(16).split(8)), config)
+    return max(shares)
+
+
+def test_the_rounding_is_settled_before_it_is_folded(monkeypatch) -> None:
+    """The soft decisions trained are the hard ones kept: the rounding's constant rate lets the regularizer finish."""
+    config = dataclasses.replace(SMALL, iterations=300, lr_rounding=0.05)
+    assert _undecided_share_at_fold(monkeypatch, config) < 0.005
+    cosine = dataclasses.replace(config, rounding_schedule="cosine")
+    assert _undecided_share_at_fold(monkeypatch, cosine) > 0.05  # the schedule that left them half-trained
+
+
+def test_recon_config_rejects_an_unknown_rounding_schedule() -> None:
+    with pytest.raises(SrquantError, match="rounding_schedule"):
+        ReconConfig(rounding_schedule="linear")
+
+
+def test_dqc_before_the_blocks_trains_every_bound_from_dobi_against_the_float_network(
+    monkeypatch, noise_images
+) -> None:  # noqa: ANN001
+    folder = noise_images(4, 32)
+    seen: dict[str, object] = {}
+
+    def spy_dqc(model, draw, config, progress=False, params=None, teacher=None):  # noqa: ANN001, ANN202
+        seen.update(iterations=config.iterations, params=params, blocks_done=seen.get("blocks", 0))
+        seen["weights_float"] = all(q.rounding is None for n, q in quantizers(model) if is_weight_quantizer(n))
+        probe = _smooth(1, seed=4)
+        with torch.no_grad(), fp_mode(model):
+            seen["teacher_is_float_network"] = torch.equal(teacher(probe), model(probe))
+        return run_dqc(model, draw, config, progress, params, teacher)
+
+    def spy_recon(model, batches, config, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen["blocks"] = 1
+        return []
+
+    monkeypatch.setattr(recon, "run_dqc", spy_dqc)
+    monkeypatch.setattr(recon, "run_recon", spy_recon)
+    model = build_model("imdn", 2, tiny=True).eval()
+    settings = dict(calib_count=4, calib_size=8, dqc_iterations=2, dqc_batch=2, dqc_crop=8)
+    quantize_model(model, REGISTRY["imdn"].layout, "recon", QuantSpec(4, 4), folder, "cpu", **settings)
+    assert seen["iterations"] == 2 and seen["params"] is None  # None: every bound, weights' and activations'
+    assert seen["blocks_done"] == 0 and seen["teacher_is_float_network"] and seen["weights_float"]
+    assert seen["blocks"] == 1

@@ -1,6 +1,8 @@
 """Block reconstruction (BRECQ / QDrop style): learned weight rounding and activation ranges, block by block.
 
-1. `quantize_`, then DOBI ranges for every quantizer (weights scored exactly per output channel).
+1. `quantize_`, then DOBI ranges for every quantizer (weights scored exactly per output channel); optionally
+   (`dqc_iterations` > 0) 2DQuant's DQC then distils every bound, weights' and activations', end to end, so the
+   blocks start from 2DQuant's ranges and weight grids.
 2. The network is cut into blocks in execution order: its stages (`stage_names`, e.g. IMDN's IMDBs, a
    transformer's groups), and every quantized layer outside them as a block of its own.
 3. For each block in turn, the calibration crops are run through the network twice, stopping at the block: once
@@ -9,9 +11,10 @@
    target), and once quantized (the blocks before it already reconstructed), for the input the quantized block
    will really get. The block then learns, with Adam:
    - each weight's rounding (AdaRound: up or down per element on the weight's fixed grid, with the rounding
-     regularizer annealed from beta 20 to 2 after a 20% warm-up), and
+     regularizer annealed from beta 20 to 2 after a 20% warm-up, at a constant learning rate so that every soft
+     decision has reached 0 or 1 when it is made hard), and
    - its activation ranges (the bounds of every activation quantizer in it: layer inputs, attention-matmul
-     operands, simulated outputs),
+     operands, simulated outputs; learning rate on a cosine to zero),
    minimising the mean squared error to the float block's output, with QDrop: while training, each element of a
    quantized activation keeps its float value with probability `drop_prob`, and the block's input is the quantized
    input with the same share of elements taken from the float one.
@@ -27,6 +30,7 @@ The divergence guard watches every block: a NaN/inf or blown-up loss restores th
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -69,6 +73,7 @@ class ReconConfig:
     iterations: int = 300  # per block
     batch_size: int = 8
     lr_rounding: float = 1e-2
+    rounding_schedule: str = "constant"  # the offsets' rate: constant (AdaRound) or cosine to zero like the bounds'
     lr_bounds: float = 1e-3
     round_weight: float = 0.01  # lambda of the rounding regularizer (per weight element, summed)
     beta_start: float = 20.0
@@ -78,6 +83,10 @@ class ReconConfig:
     learn_rounding: bool = True
     learn_weight_ranges: bool = False  # train the weights' ranges per block (with rounding off: their own STE)
     lr_weight_ranges: float = 1e-3
+    dqc_iterations: int = 0  # before the blocks: DQC on every bound (0: start from DOBI's ranges)
+    dqc_batch: int = 4
+    dqc_crop: int = 40
+    dqc_lr: float = 1e-2
     e2e_iterations: int = 0
     e2e_batch: int = 4
     e2e_crop: int = 48
@@ -88,11 +97,12 @@ class ReconConfig:
     bias_correction: bool = False  # afterwards, shift each layer's bias by its mean output error
 
     def __post_init__(self) -> None:
-        if min(self.calib_count, self.calib_size, self.calib_batch, self.batch_size, self.e2e_batch) < 1:
+        sizes = (self.calib_count, self.calib_size, self.calib_batch, self.batch_size, self.e2e_batch, self.dqc_batch)
+        if min(*sizes, self.e2e_crop, self.dqc_crop) < 1:
             raise SrquantError("recon needs positive calibration counts, crop sizes and batch sizes")
-        if self.iterations < 0 or self.e2e_iterations < 0:
+        if min(self.iterations, self.e2e_iterations, self.dqc_iterations) < 0:
             raise SrquantError("recon iterations must be >= 0")
-        if not (self.lr_rounding > 0 and self.lr_bounds > 0 and self.e2e_lr > 0):
+        if not (self.lr_rounding > 0 and self.lr_bounds > 0 and self.e2e_lr > 0 and self.dqc_lr > 0):
             raise SrquantError("recon learning rates must be positive")
         if self.learn_rounding and self.learn_weight_ranges:
             raise SrquantError("recon learns either the weights' rounding (on a fixed grid) or their ranges, not both")
@@ -100,6 +110,8 @@ class ReconConfig:
             raise SrquantError("recon needs drop_prob in [0, 1), round_weight >= 0 and warmup in [0, 1)")
         if not self.blowup_factor > 1 or self.max_rollbacks < 1:
             raise SrquantError("recon needs blowup_factor > 1 and max_rollbacks >= 1")
+        if self.rounding_schedule not in ("constant", "cosine"):
+            raise SrquantError(f"recon rounding_schedule is 'constant' or 'cosine', not {self.rounding_schedule!r}")
 
 
 RECON_PRESETS = {
@@ -225,6 +237,17 @@ def reconstruct_block(
             fold_rounding(m)
 
 
+def _constant_rate(_step: int) -> float:
+    """A learning-rate factor that never changes (AdaRound's rounding offsets)."""
+    return 1.0
+
+
+def _cosine(iterations: int) -> Callable[[int], float]:
+    """The cosine factor from 1 to 0 over `iterations` steps."""
+    total = max(iterations, 1)
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
 def _train_block(
     block: nn.Module,
     quantized: BlockData,
@@ -236,9 +259,13 @@ def _train_block(
     roundings: list[LearnedRounding],
     groups: list[dict],
 ) -> list[str]:
-    """The optimisation loop of `reconstruct_block`: Adam, cosine schedule, QDrop'd inputs, the guard."""
+    """The optimisation loop of `reconstruct_block`: Adam (the bounds' rate on a cosine), QDrop'd inputs, the guard."""
     optimizer = torch.optim.Adam(groups)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.iterations, 1))
+    offsets = {id(r.offset) for r in roundings}
+    constant = config.rounding_schedule == "constant"
+    cosine = _cosine(config.iterations)
+    rates = [_constant_rate if constant and id(g["params"][0]) in offsets else cosine for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rates)
     inputs_q, inputs_fp, targets = quantized.inputs, floating.inputs, floating.outputs
     count = inputs_q.shape[0]
 
@@ -327,9 +354,21 @@ class Recon(Method):
         size = data.rounded(config.calib_size)
         batches = data.batches(config.calib_count, size, config.calib_batch, config.seed)
         calibrate(model, batches, "dobi", progress=progress)
+        teacher = float_teacher(model)  # the float network, for DQC, the blocks and bias correction
+        notes: list[str] = []
+        if config.dqc_iterations:
+            dqc = TwoDQuantConfig(
+                iterations=config.dqc_iterations,
+                batch_size=config.dqc_batch,
+                lr=config.dqc_lr,
+                seed=config.seed,
+                blowup_factor=config.blowup_factor,
+                max_rollbacks=config.max_rollbacks,
+            )
+            draw_dqc = data.stream(data.rounded(config.dqc_crop), config.seed + 2)
+            notes += run_dqc(model, draw_dqc, dqc, progress, teacher=teacher).rollbacks
         draw = data.stream(data.rounded(config.e2e_crop), config.seed + 1) if config.e2e_iterations else None
-        teacher = float_teacher(model)  # the float network, for the blocks and for bias correction
-        notes = run_recon(model, batches, config, progress, draw, teacher)
+        notes += run_recon(model, batches, config, progress, draw, teacher)
         settings = {**dataclasses.asdict(config), "calib_size": size}
         if config.bias_correction:
             settings["bias_corrected"] = len(correct_biases(model, batches, progress, reference=teacher))
