@@ -248,3 +248,24 @@ def test_dqc_before_the_blocks_trains_every_bound_from_dobi_against_the_float_ne
     assert seen["iterations"] == 2 and seen["params"] is None  # None: every bound, weights' and activations'
     assert seen["blocks_done"] == 0 and seen["teacher_is_float_network"] and seen["weights_float"]
     assert seen["blocks"] == 1
+
+
+def test_a_block_that_raises_the_output_error_on_the_check_crops_goes_back(monkeypatch) -> None:  # noqa: ANN001
+    def spoil(block, quantized, float_data, config, generator, label, progress=False):  # noqa: ANN001, ANN202
+        if label.endswith("IMDB2"):
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.mul_(-3.0)
+        return []
+
+    monkeypatch.setattr(recon, "reconstruct_block", spoil)
+    batches, check = list(_smooth(16).split(8)), [_smooth(8, seed=7)]
+    guarded = _quantized()
+    untouched = {k: v.clone() for k, v in guarded.get_submodule("IMDB2").state_dict().items()}
+    notes = run_recon(guarded, batches, SMALL, check=check)
+    assert any("IMDB2: kept as it was" in n for n in notes) and not any("IMDB1" in n for n in notes)
+    kept = guarded.get_submodule("IMDB2").state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in untouched.items())
+    unguarded = _quantized()
+    run_recon(unguarded, batches, SMALL)
+    assert not torch.equal(unguarded.get_submodule("IMDB2").state_dict()["c1.weight"], untouched["c1.weight"])

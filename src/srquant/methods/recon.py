@@ -29,6 +29,7 @@ The divergence guard watches every block: a NaN/inf or blown-up loss restores th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -91,6 +92,7 @@ class ReconConfig:
     e2e_batch: int = 4
     e2e_crop: int = 48
     e2e_lr: float = 1e-3
+    check_count: int = 0  # > 0: other crops, never trained on, on which a block must not raise the output error
     seed: int = 0
     blowup_factor: float = 4.0
     max_rollbacks: int = 5
@@ -100,8 +102,8 @@ class ReconConfig:
         sizes = (self.calib_count, self.calib_size, self.calib_batch, self.batch_size, self.e2e_batch, self.dqc_batch)
         if min(*sizes, self.e2e_crop, self.dqc_crop) < 1:
             raise SrquantError("recon needs positive calibration counts, crop sizes and batch sizes")
-        if min(self.iterations, self.e2e_iterations, self.dqc_iterations) < 0:
-            raise SrquantError("recon iterations must be >= 0")
+        if min(self.iterations, self.e2e_iterations, self.dqc_iterations, self.check_count) < 0:
+            raise SrquantError("recon iterations and check_count must be >= 0")
         if not (self.lr_rounding > 0 and self.lr_bounds > 0 and self.e2e_lr > 0 and self.dqc_lr > 0):
             raise SrquantError("recon learning rates must be positive")
         if self.learn_rounding and self.learn_weight_ranges:
@@ -295,6 +297,12 @@ def _train_block(
     return guard.rollbacks
 
 
+@torch.no_grad()
+def output_error(model: nn.Module, teacher: nn.Module, crops: Sequence[torch.Tensor]) -> float:
+    """The network's output mean squared error against the float teacher over some crops."""
+    return sum(float(F.mse_loss(model(x), teacher(x))) for x in crops) / len(crops)
+
+
 def run_recon(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -302,9 +310,11 @@ def run_recon(
     progress: bool = False,
     draw_e2e: Callable[[int], torch.Tensor] | None = None,
     teacher: nn.Module | None = None,
+    check: Sequence[torch.Tensor] = (),
 ) -> list[str]:
     """Reconstruct a DOBI-calibrated quantized network block by block on the calibration batches (in place), against
-    `teacher` (a `float_teacher` copy of it, made here when not given)."""
+    `teacher` (a `float_teacher` copy of it, made here when not given). With `check` crops (never trained on), a
+    block whose reconstruction raises the network's output error on them goes back to its state before."""
     model.eval()
     device = batches[0].device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -317,7 +327,11 @@ def run_recon(
         floating = block_data(teacher, teacher.get_submodule(name), batches, quantized=False)
         quantized = block_data(model, block, batches, quantized=True)
         label = f"block {index + 1}/{len(blocks)} {name}"
+        before = (output_error(model, teacher, check), copy.deepcopy(block.state_dict())) if check else None
         notes += reconstruct_block(block, quantized, floating, config, generator, label, progress)
+        if before is not None and (after := output_error(model, teacher, check)) > before[0]:
+            block.load_state_dict(before[1])
+            notes.append(f"{label}: kept as it was (output error on the check crops {after:.4g} > {before[0]:.4g})")
     if config.e2e_iterations and draw_e2e is not None:
         acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
         dqc = TwoDQuantConfig(
@@ -368,7 +382,10 @@ class Recon(Method):
             draw_dqc = data.stream(data.rounded(config.dqc_crop), config.seed + 2)
             notes += run_dqc(model, draw_dqc, dqc, progress, teacher=teacher).rollbacks
         draw = data.stream(data.rounded(config.e2e_crop), config.seed + 1) if config.e2e_iterations else None
-        notes += run_recon(model, batches, config, progress, draw, teacher)
+        check = (
+            data.batches(config.check_count, size, config.calib_batch, config.seed + 3) if config.check_count else []
+        )
+        notes += run_recon(model, batches, config, progress, draw, teacher, check)
         settings = {**dataclasses.asdict(config), "calib_size": size}
         if config.bias_correction:
             settings["bias_corrected"] = len(correct_biases(model, batches, progress, reference=teacher))
