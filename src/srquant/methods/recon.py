@@ -297,6 +297,18 @@ def _train_block(
     return guard.rollbacks
 
 
+def _dqc_config(config: ReconConfig, iterations: int, batch_size: int, lr: float) -> TwoDQuantConfig:
+    """A DQC schedule (before or after the blocks) with recon's seed and divergence-guard settings."""
+    return TwoDQuantConfig(
+        iterations=iterations,
+        batch_size=batch_size,
+        lr=lr,
+        seed=config.seed,
+        blowup_factor=config.blowup_factor,
+        max_rollbacks=config.max_rollbacks,
+    )
+
+
 @torch.no_grad()
 def output_error(model: nn.Module, teacher: nn.Module, crops: Sequence[torch.Tensor]) -> float:
     """The network's output mean squared error against the float teacher over some crops."""
@@ -334,14 +346,7 @@ def run_recon(
             notes.append(f"{label}: kept as it was (output error on the check crops {after:.4g} > {before[0]:.4g})")
     if config.e2e_iterations and draw_e2e is not None:
         acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
-        dqc = TwoDQuantConfig(
-            iterations=config.e2e_iterations,
-            batch_size=config.e2e_batch,
-            lr=config.e2e_lr,
-            seed=config.seed,
-            blowup_factor=config.blowup_factor,
-            max_rollbacks=config.max_rollbacks,
-        )
+        dqc = _dqc_config(config, config.e2e_iterations, config.e2e_batch, config.e2e_lr)
         notes += run_dqc(model, draw_e2e, dqc, progress, params=acts, teacher=teacher).rollbacks
     return notes
 
@@ -371,14 +376,7 @@ class Recon(Method):
         teacher = float_teacher(model)  # the float network, for DQC, the blocks and bias correction
         notes: list[str] = []
         if config.dqc_iterations:
-            dqc = TwoDQuantConfig(
-                iterations=config.dqc_iterations,
-                batch_size=config.dqc_batch,
-                lr=config.dqc_lr,
-                seed=config.seed,
-                blowup_factor=config.blowup_factor,
-                max_rollbacks=config.max_rollbacks,
-            )
+            dqc = _dqc_config(config, config.dqc_iterations, config.dqc_batch, config.dqc_lr)
             draw_dqc = data.stream(data.rounded(config.dqc_crop), config.seed + 2)
             notes += run_dqc(model, draw_dqc, dqc, progress, teacher=teacher).rollbacks
         draw = data.stream(data.rounded(config.e2e_crop), config.seed + 1) if config.e2e_iterations else None
