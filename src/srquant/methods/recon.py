@@ -92,7 +92,7 @@ class ReconConfig:
     e2e_batch: int = 4
     e2e_crop: int = 48
     e2e_lr: float = 1e-3
-    check_count: int = 0  # > 0: other crops, never trained on, on which a block must not raise the output error
+    check_count: int = 0  # > 0: crops drawn with another seed, on which no block may raise the output error
     seed: int = 0
     blowup_factor: float = 4.0
     max_rollbacks: int = 5
@@ -310,9 +310,9 @@ def _dqc_config(config: ReconConfig, iterations: int, batch_size: int, lr: float
 
 
 @torch.no_grad()
-def output_error(model: nn.Module, teacher: nn.Module, crops: Sequence[torch.Tensor]) -> float:
-    """The network's output mean squared error against the float teacher over some crops."""
-    return sum(float(F.mse_loss(model(x), teacher(x))) for x in crops) / len(crops)
+def output_error(model: nn.Module, crops: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
+    """The network's output mean squared error against the float teacher's outputs on some crops."""
+    return sum(float(F.mse_loss(model(x), t)) for x, t in zip(crops, targets, strict=True)) / len(crops)
 
 
 def run_recon(
@@ -325,8 +325,9 @@ def run_recon(
     check: Sequence[torch.Tensor] = (),
 ) -> list[str]:
     """Reconstruct a DOBI-calibrated quantized network block by block on the calibration batches (in place), against
-    `teacher` (a `float_teacher` copy of it, made here when not given). With `check` crops (never trained on), a
-    block whose reconstruction raises the network's output error on them goes back to its state before."""
+    `teacher` (a `float_teacher` copy of it, made here when not given). With `check` crops (drawn apart from the
+    training crops), a block whose reconstruction raises the network's output error on them goes back to its
+    state before."""
     model.eval()
     device = batches[0].device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -334,16 +335,23 @@ def run_recon(
     blocks = blocks_of(model, batches[0][:1])
     if teacher is None:  # a float copy, taken before any block writes its rounding into the weights
         teacher = float_teacher(model)
+    with torch.no_grad():
+        check_targets = [teacher(x) for x in check]
+    current = output_error(model, check, check_targets) if check else 0.0
     for index, name in enumerate(blocks):
         block = model.get_submodule(name)
         floating = block_data(teacher, teacher.get_submodule(name), batches, quantized=False)
         quantized = block_data(model, block, batches, quantized=True)
         label = f"block {index + 1}/{len(blocks)} {name}"
-        before = (output_error(model, teacher, check), copy.deepcopy(block.state_dict())) if check else None
+        saved = copy.deepcopy(block.state_dict()) if check else None
         notes += reconstruct_block(block, quantized, floating, config, generator, label, progress)
-        if before is not None and (after := output_error(model, teacher, check)) > before[0]:
-            block.load_state_dict(before[1])
-            notes.append(f"{label}: kept as it was (output error on the check crops {after:.4g} > {before[0]:.4g})")
+        if saved is None:
+            continue
+        if (after := output_error(model, check, check_targets)) > current:
+            block.load_state_dict(saved)
+            notes.append(f"{label}: kept as it was (output error on the check crops {after:.4g} > {current:.4g})")
+        else:
+            current = after
     if config.e2e_iterations and draw_e2e is not None:
         acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
         dqc = _dqc_config(config, config.e2e_iterations, config.e2e_batch, config.e2e_lr)
