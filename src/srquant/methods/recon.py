@@ -223,7 +223,8 @@ def reconstruct_block(
         roundings = [attach_rounding(m) for m in layers] if config.learn_rounding else []
         bounds = [p for q in acts for p in q.parameters()]
         ranges = [p for m in layers for p in m.weight_quantizer.parameters(recurse=False)]
-        groups = [{"params": [r.offset for r in roundings], "lr": config.lr_rounding}] if roundings else []
+        offsets = {"params": [r.offset for r in roundings], "lr": config.lr_rounding, "rounding": True}
+        groups = [offsets] if roundings else []
         groups += [{"params": bounds, "lr": config.lr_bounds}] if bounds else []
         if config.learn_weight_ranges and not roundings and ranges:
             groups += [{"params": ranges, "lr": config.lr_weight_ranges}]
@@ -263,10 +264,9 @@ def _train_block(
 ) -> list[str]:
     """The optimisation loop of `reconstruct_block`: Adam (the bounds' rate on a cosine), QDrop'd inputs, the guard."""
     optimizer = torch.optim.Adam(groups)
-    offsets = {id(r.offset) for r in roundings}
     constant = config.rounding_schedule == "constant"
     cosine = _cosine(config.iterations)
-    rates = [_constant_rate if constant and id(g["params"][0]) in offsets else cosine for g in groups]
+    rates = [_constant_rate if constant and g.get("rounding") else cosine for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rates)
     inputs_q, inputs_fp, targets = quantized.inputs, floating.inputs, floating.outputs
     count = inputs_q.shape[0]
