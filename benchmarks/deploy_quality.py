@@ -27,6 +27,9 @@ from srquant.deploy.ort_runtime import OrtUpscaler
 SCALE = 4
 STORE = RESULTS / "deploy_quality.json"
 TARGET_DB = 0.03
+NETWORKS = ("imdn", "pan", "carn-m")
+METHODS = ("minmax", "percentile", "dobi", "2dquant", "recon", "minmax+bc", "percentile+bc", "dobi+bc", "recon+bc")
+"""The table's rows, in order; a cell not in the results file is left out."""
 
 
 def run_cell(name: str, method: str, assets: str | None) -> dict:
@@ -55,10 +58,8 @@ def run_cell(name: str, method: str, assets: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None)
-    parser.add_argument("--networks", default="imdn,pan,carn-m")
-    parser.add_argument(
-        "--methods", default="minmax,percentile,dobi,2dquant,recon,minmax+bc,percentile+bc,dobi+bc,recon+bc"
-    )
+    parser.add_argument("--networks", default=",".join(NETWORKS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
@@ -75,10 +76,10 @@ def main() -> None:
             cell = run_cell(name, method, args.assets)
             update_json(STORE, key, cell)
             print(f"{key:<20} fake {cell['fake_psnr']:.3f} integer {cell['integer_psnr']:.3f}", flush=True)
-    write_table(load_json(STORE), networks, methods)
+    write_table(load_json(STORE))  # every stored cell: a run of a few cells keeps the others in the table
 
 
-def write_table(done: dict, networks: list[str], methods: list[str]) -> None:
+def write_table(done: dict) -> None:
     """docs/results/deploy_quality.md: drops per method, the best per network, against the 0.03 dB target."""
     command = "python benchmarks/deploy_quality.py --assets ../shared/assets"
     lines = [header("The integer-deploy recipe (W7A8, `--deploy onnxruntime`): Set5 drop per calibration", command)]
@@ -90,12 +91,12 @@ def write_table(done: dict, networks: list[str], methods: list[str]) -> None:
     lines.append("| network | FP | method | fake-quant (drop) | integer (drop) | integer - fake | calib s |")
     lines.append("|---|---|---|---|---|---|---|")
     verdicts = []
-    for name in networks:
+    for name in NETWORKS:
         fp = done.get(f"{name}|fp", {}).get("Set5", {}).get("psnr")
         if fp is None:
             continue
         best = None
-        for method in methods:
+        for method in METHODS:
             cell = done.get(f"{name}|{method}")
             if cell is None:
                 continue
