@@ -66,6 +66,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     networks, methods = args.networks.split(","), args.methods.split(",")
+    unknown = sorted({*networks} - {*NETWORKS}) + sorted({*methods} - {*METHODS})
+    if unknown:  # a cell the table has no row for would be computed and never shown
+        parser.error(
+            f"not in the table: {', '.join(unknown)} (networks {', '.join(NETWORKS)}; methods {', '.join(METHODS)})"
+        )
     for name in [] if args.table_only else networks:
         if f"{name}|fp" not in load_json(STORE):
             update_json(STORE, f"{name}|fp", fp_scores(name, SCALE, ["Set5"], args.assets))
