@@ -4,10 +4,12 @@ are skipped on a re-run; tables are written from whatever cells exist.
 
     python benchmarks/ptq_table.py --assets ../shared/assets --plan granularity   # per tensor vs per channel
     python benchmarks/ptq_table.py --assets ../shared/assets --only imdn:4:dobi:channel --threads 1
+    python benchmarks/ptq_table.py --assets ../shared/assets --plan parts     # per-part input grids
     python benchmarks/ptq_table.py --table-only
 
-A cell is `network:bits:method:granularity` (bits b means WbAb). Calibration images: <assets>/calibration/train291
-(never a benchmark image).
+A cell is `network:bits:method:granularity` (bits b means WbAb); granularity `channel+part` is per-channel weights
+with per-part input grids for the fusion convs (`act_granularity="part"`). Calibration images:
+<assets>/calibration/train291 (never a benchmark image).
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ PLANS = {
     ],
     # Every fixed-bit method at 4, 3 and 2 bits, per-channel weights (2DQuant's Table 3 and srquant's recon).
     "methods": [(name, bits, method, "channel") for bits in (4, 2, 3) for name in NETWORKS for method in METHODS],
+    # Per-part input grids for the concatenations the fusion convs read, against one grid per input.
+    "parts": [
+        (name, bits, method, "channel+part")
+        for name in ("carn-m", "imdn", "pan")
+        for bits in (3, 4, 2)
+        for method in ("dobi", "2dquant", "recon")
+    ],
 }
+PART_METHODS = ("minmax", "percentile", "dbdc-pac", "dobi", "2dquant", "recon")
 # 2DQuant Table 3, SwinIR-light x4, Set5 drop from FP (32.45 dB): the published order, for scale.
 PAPER_SET5_DROP = {
     4: {"minmax": -3.82, "percentile": -1.81, "dbdc-pac": -1.71, "dobi": -1.35, "2dquant": -0.68},
@@ -55,8 +65,18 @@ def run_cell(
 ) -> dict:
     """Quantize one network by one method and evaluate it on the given benchmarks."""
     start = time.perf_counter()
+    weights, _, inputs = granularity.partition("+")
     result = api.quantize(
-        name, SCALE, method, bits, bits, preset=preset, assets=assets, device="cpu", weight_granularity=granularity
+        name,
+        SCALE,
+        method,
+        bits,
+        bits,
+        preset=preset,
+        assets=assets,
+        device="cpu",
+        weight_granularity=weights,
+        act_granularity=inputs or "tensor",
     )
     cost = model_cost(result.network, SCALE)
     results = evaluate(result.model, datasets, SCALE, ["basicsr"], assets, progress=False)
@@ -109,6 +129,46 @@ def main() -> None:
     done = load_json(STORE)
     write_granularity_table(done, args.preset)
     write_methods_table(done, args.preset)
+    write_parts_table(done, args.preset)
+
+
+def write_parts_table(done: dict, preset: str) -> None:
+    """docs/results/ptq_parts.md: one input grid per concatenated part against one per input, cell by cell."""
+    command = f"python benchmarks/ptq_table.py --assets ../shared/assets --plan parts --preset {preset}"
+    lines = [header(f"Per-part input grids for the fusion convs, x4, BasicSR convention, preset `{preset}`", command)]
+    lines.append(
+        "\nPer-channel weights in both columns. One grid: every layer input on one grid (the papers' choice, as in "
+        "docs/results/ptq_cpu.md). Per part: each conv whose input concatenates several sources (the layouts' "
+        "`input_parts`: CARN-M's cascade fusion convs, IMDN's c5, PAN's SCPA conv3, LMLT-Tiny's level fusion, "
+        "ESWT's branch projection) gets one grid per part; every other input keeps one grid. Set5/Set14 PSNR with "
+        "the drop from FP; calibration seconds of the per-part cell. The plan runs every cell on all four sets; "
+        "these cells were run with `--only NETWORK:BITS:METHOD:channel+part --datasets Set5,Set14 --threads 1` "
+        "beside one or two other jobs, so their calibration seconds are upper bounds.\n"
+    )
+    lines.append(
+        "| network | bits | method | Set5 one grid | Set5 per part | gain | Set14 one grid | Set14 per part | gain "
+        "| calib s |"
+    )
+    lines.append("|---" * 10 + "|")
+    for name in NETWORKS:
+        fp = done.get(f"{name}|fp")
+        for bits in (4, 3, 2):
+            for method in PART_METHODS:
+                one = done.get(cell_key(name, bits, method, "channel", preset))
+                part = done.get(cell_key(name, bits, method, "channel+part", preset))
+                if fp is None or part is None:
+                    continue
+                row = [name, f"W{bits}A{bits}", method]
+                for dataset in ("Set5", "Set14"):
+                    a = one["scores"].get(dataset, {}).get("psnr") if one else None
+                    b = part["scores"].get(dataset, {}).get("psnr")
+                    base = fp[dataset]["psnr"]
+                    row.append("-" if a is None else f"{a:.2f} ({a - base:+.2f})")
+                    row.append("-" if b is None else f"{b:.2f} ({b - base:+.2f})")
+                    row.append("-" if a is None or b is None else f"{b - a:+.2f}")
+                row.append(f"{part['calib_seconds']:.0f}")
+                lines.append("| " + " | ".join(row) + " |")
+    (RESULTS / f"ptq_parts_{preset}.md").write_text("\n".join(lines) + "\n")
 
 
 def _scores(cell: dict, fp: dict) -> str:

@@ -197,6 +197,7 @@ def quantize(
     full: bool = False,
     weight_quantizer: str = "asymmetric",
     weight_granularity: str | None = None,
+    act_granularity: str = "tensor",
     output_bits: int | None = None,
     glue_bits: int | None = None,
     matmul: bool = True,
@@ -221,12 +222,16 @@ def quantize(
     one for a network outside the zoo (`result.inferred`); `layers` (the body) and `keep_fp` override it by
     name patterns. Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a
     benchmark set. `weight_granularity` None takes the preset's choice (the papers' presets: per tensor;
-    srquant's: per channel). `overrides` replace fields of the method's config (e.g. iterations, batch_size,
-    seed). `no_adapt` turns a dynamic method into its fixed-bit twin at `a_bits` (same quantizers, calibration
-    and schedule). `deploy="onnxruntime"` sets the recipe whose integer graph computes exactly what the model computes
-    and runs in uint8 between its kernels; it needs a8 and a fixed-bit method.
+    srquant's: per channel). `act_granularity="part"` gives each concatenated part of a fusion conv's input its
+    own grid (fixed-bit methods; not exportable). `overrides` replace fields of the method's config (e.g.
+    iterations, batch_size, seed). `no_adapt` turns a dynamic method into its fixed-bit twin at `a_bits` (same
+    quantizers, calibration and schedule). `deploy="onnxruntime"` sets the recipe whose integer graph computes
+    exactly what the model computes and runs in uint8 between its kernels; it needs a8 and a fixed-bit method.
     """
     plugin = get_method(method)
+    if act_granularity != "tensor" and (plugin.dynamic or deploy is not None):
+        why = f"{method}'s bits change per image or patch" if plugin.dynamic else "the integer graph's kernels take one"
+        raise SrquantError(f"act_granularity {act_granularity!r} needs per-tensor input grids: {why}")
     if no_adapt:
         overrides = {**overrides, **plugin.fixed_twin(a_bits)}
     root = asset_dir(assets)
@@ -240,6 +245,7 @@ def quantize(
         "full": full,
         "weight_quantizer": weight_quantizer,
         "weight_granularity": weight_granularity or plugin.default_granularity(preset),
+        "act_granularity": act_granularity,
         "output_bits": output_bits,
         "glue_bits": glue_bits,
         "matmul": matmul,

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one weight grid per output channel or per tensor (default: the preset's; paper/code presets: tensor)",
     )
     qz.add_argument(
+        "--act-granularity",
+        choices=("tensor", "part"),
+        default="tensor",
+        help="part: one input grid per concatenated part of a fusion conv (fixed-bit methods; not exportable)",
+    )
+    qz.add_argument(
         "--output-bits",
         type=_positive_int,
         help="also quantize each quantized layer's output at B bits, as integer kernels do (use 8 before export)",
@@ -359,6 +365,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         full=args.full,
         weight_quantizer=args.weight_quantizer,
         weight_granularity=args.weight_granularity,
+        act_granularity=args.act_granularity,
         output_bits=args.output_bits,
         glue_bits=args.glue_bits,
         matmul=not args.no_matmul,
@@ -382,7 +389,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = result.spec
     print(
         f"{args.model or args.arch} x{args.scale} {result.method} W{spec.w_bits}A{spec.a_bits} "
-        f"(weights per {spec.weight_granularity}): {result.report.summary()}"
+        f"(weights per {spec.weight_granularity}"
+        + (", inputs per part" if spec.act_granularity == "part" else "")
+        + f"): {result.report.summary()}"
     )
     size = Path(args.output).stat().st_size
     print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")

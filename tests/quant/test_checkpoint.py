@@ -37,6 +37,8 @@ def test_pack_round_trip(bits: int) -> None:
         ("srresnet", QuantSpec(4, 8, weight_quantizer="lsq", act_quantizer="lsq")),
         ("imdn", QuantSpec(3, 4, weight_granularity="tensor")),
         ("lmlt-tiny", QuantSpec(4, 4, weight_quantizer="symmetric", weight_granularity="tensor")),
+        ("carn-m", QuantSpec(3, 3, act_granularity="part")),
+        ("eswt", QuantSpec(4, 4, act_granularity="part")),
     ],
 )
 def test_save_load_is_bit_identical(tmp_path: Path, name: str, spec: QuantSpec) -> None:

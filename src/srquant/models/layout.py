@@ -21,6 +21,8 @@ class QuantLayout:
         use the pattern's groups (as in ``re.Match.expand``), ``{scale}``, and ``|``-separated alternatives
         (the first that exists is taken). With quantized glue such a layer shares the source's grid instead of
         rounding the values to a second one, so an integer graph passes the uint8 tensor straight on.
+    input_parts: (layer pattern, parts) pairs for convs whose input is a concatenation of `parts` equal channel
+        parts from different sources (whose ranges differ); with per-part activation grids each part gets its own.
     """
 
     body: tuple[str, ...]
@@ -29,3 +31,4 @@ class QuantLayout:
     never: tuple[str, ...] = ()
     weight_groups: tuple[tuple[str, int], ...] = ()
     glue_inputs: tuple[tuple[str, str], ...] = ()
+    input_parts: tuple[tuple[str, int], ...] = ()

@@ -180,6 +180,7 @@ REGISTRY: dict[str, ModelEntry] = {
                 (r"(IMDB\d+)\.c3", r"\1.act2_glue"),
                 (r"(IMDB\d+)\.c4", r"\1.act3_glue"),
             ),
+            input_parts=((r"IMDB\d+\.c5", 4),),  # the three distilled slices and c4's output
         ),
     ),
     "pan": ModelEntry(
@@ -203,6 +204,7 @@ REGISTRY: dict[str, ModelEntry] = {
         layout=QuantLayout(
             body=(r"SCPA_trunk\.\d+\..*",),
             fixed_8bit=(r"conv_first", r"trunk_conv", r"upconv\d", r"att\d\.conv", r"HRconv\d", r"conv_last"),
+            input_parts=((r"SCPA_trunk\.\d+\.conv3", 2),),  # the plain and the attention branch
         ),
     ),
     "carn-m": ModelEntry(
@@ -234,6 +236,8 @@ REGISTRY: dict[str, ModelEntry] = {
                 (r"(upsample\.up4\.body)\.3", r"\1.0.output_quantizer"),
                 (r"exit", "upsample.up{scale}.body.3.output_quantizer|upsample.up{scale}.body.0.output_quantizer"),
             ),
+            # The cascades' 1x1 fusion convs read the entry features and one, two or three units' outputs.
+            input_parts=((r"(b\d\.)?c1\.body\.0", 2), (r"(b\d\.)?c2\.body\.0", 3), (r"(b\d\.)?c3\.body\.0", 4)),
         ),
         license="MIT",
         note="one multi-scale checkpoint serves x2, x3 and x4",
@@ -262,6 +266,7 @@ REGISTRY: dict[str, ModelEntry] = {
             post_activation=(r"feats\.\d+\.ccm\.ccm\.2",),
             fixed_8bit=(r"to_feat", r"feats\.\d+\.ccm\.ccm\.0", r"to_img\.0"),
             weight_groups=((r"feats\.\d+\.lhsb\.mfr\.\d+\.qkv", 3),),
+            input_parts=((r"feats\.\d+\.lhsb\.aggr", 4),),  # the four pooling levels
         ),
         license="MIT",
     ),
@@ -288,6 +293,7 @@ REGISTRY: dict[str, ModelEntry] = {
             post_activation=(r"body\.\d+\.mlp_list\.\d+\.fc2",),
             fixed_8bit=(r"head\.0", r"body\.\d+\.conv\.0", r"tail\.0"),
             weight_groups=((r"body\.\d+\.sa_list\.\d+\.attn\.0", 2),),
+            input_parts=((r"body\.\d+\.sa_list\.\d+\.proj\.0", 2),),  # the two striped-window branches
         ),
         license="MIT",
     ),

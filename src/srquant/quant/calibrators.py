@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from srquant.errors import SrquantError
+from srquant.quant.grid import rows_of
 from srquant.quant.quantize import mode_scope, quantizers
 from srquant.quant.quantizers import Quantizer, QuantMode
 
@@ -54,7 +55,7 @@ class RangeCalibrator:
         if self.static and self._seen_in_pass:
             return None
         self._seen_in_pass = True
-        rows = x.detach().reshape(self.rows, -1).float()
+        rows = rows_of(x.detach(), self.rows, self.quantizer.axis).float()
         if not bool(torch.isfinite(rows).all()):
             raise SrquantError(f"non-finite values (NaN/inf) reached quantizer {self.name} during calibration")
         return rows

@@ -3,8 +3,9 @@
 Every quantizer describes itself by a `Grid` (its `grid()`), and every consumer of quantization parameters
 (checkpoint packing, ONNX export, accounting, calibrators) goes through it: no other code derives a step size
 from bounds. A grid may hold one set of parameters (per tensor), one per row of the tensor's first dimension
-(`rows` > 1: per output channel, or per slice of a fused weight), or, for activations of dynamic methods, one
-per sample (tensors that broadcast against the input).
+(`rows` > 1: per output channel, or per slice of a fused weight), one per part of an activation's channels
+(`rows` > 1 with `axis` 1: the equal channel parts of a concatenation), or, for activations of dynamic methods,
+one per sample (tensors that broadcast against the input).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ class Grid:
     qmax: IntOrTensor
     bits: IntOrTensor
     rows: int = 1
+    axis: int = 0
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
-        """The tensor as the grid's parameters see it: (rows, -1) for per-row grids, unchanged otherwise."""
-        return rows_view(x, self.rows)
+        """The tensor as the grid's parameters see it: (rows, -1) or (batch, rows, -1) for per-row grids,
+        unchanged otherwise."""
+        return rows_view(x, self.rows, self.axis)
 
     def _limits(self, like: torch.Tensor) -> tuple[IntOrTensor, IntOrTensor]:
         """(qmin, qmax) as clamp takes them: both numbers, or both tensors (per-sample bits)."""
@@ -58,7 +61,7 @@ class Grid:
 
     def from_codes(self, codes: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Values of codes, reshaped to `shape` (the quantized tensor's)."""
-        flat = codes.reshape(self.rows, -1) if self.rows > 1 else codes.reshape(shape)
+        flat = rows_view(codes.reshape(shape), self.rows, self.axis)
         return self.values_of(flat.to(self.scale.dtype)).reshape(shape)
 
     @torch.no_grad()
@@ -70,6 +73,8 @@ class Grid:
 
     def per_channel(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) with one entry per slice of dimension 0 of a tensor with `channels` slices."""
+        if self.axis != 0:
+            raise ValueError("per-part activation grids have no per-output-channel form")
         if self.rows > 1 and channels % self.rows:
             raise ValueError(f"a grid of {self.rows} rows does not divide {channels} channels")
         scale, zero = self.scale.detach().reshape(-1), self.zero_point.detach().reshape(-1)
@@ -81,13 +86,23 @@ class Grid:
         return bool(torch.equal(self.zero_point, torch.round(self.zero_point)))
 
 
-def rows_view(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x as per-row parameters see it: (rows, -1) when there are several rows, unchanged otherwise."""
-    return x.reshape(rows, -1) if rows > 1 else x
+def rows_view(x: torch.Tensor, rows: int, axis: int = 0) -> torch.Tensor:
+    """x as per-row parameters see it when there are several rows: (rows, -1) for rows along dimension 0,
+    (batch, rows, -1) for rows along the channels (axis 1); unchanged otherwise."""
+    if rows == 1:
+        return x
+    return x.reshape(rows, -1) if axis == 0 else x.reshape(x.shape[0], rows, -1)
+
+
+def rows_of(x: torch.Tensor, rows: int, axis: int = 0) -> torch.Tensor:
+    """x as (rows, -1): every value of one row (one grid) in one line, whichever axis the rows run along."""
+    if axis == 0 or rows == 1:
+        return x.reshape(rows, -1)
+    return x.reshape(x.shape[0], rows, -1).transpose(0, 1).reshape(rows, -1)
 
 
 def asymmetric_grid(
-    lower: torch.Tensor, upper: torch.Tensor, bits: IntOrTensor, align_zero: bool = False, rows: int = 1
+    lower: torch.Tensor, upper: torch.Tensor, bits: IntOrTensor, align_zero: bool = False, rows: int = 1, axis: int = 0
 ) -> Grid:
     """2DQuant's two-bound grid: step (u - l) / (2^b - 1) from l; with `align_zero` the zero point is rounded to an
     integer (the range shifts by less than half a step), as uint8 kernels need."""
@@ -96,7 +111,7 @@ def asymmetric_grid(
     zero = -lower / scale
     if align_zero:
         zero = torch.round(torch.clamp(zero, 0, levels))
-    return Grid(scale, zero, 0, levels, bits, rows)
+    return Grid(scale, zero, 0, levels, bits, rows, axis)
 
 
 def symmetric_grid(bound: torch.Tensor, bits: IntOrTensor, rows: int = 1) -> Grid:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from srquant.errors import SrquantError
 from srquant.quant.modules import convert_module, is_quantized
 from srquant.quant.quantizers import (
     AsymmetricQuantizer,
@@ -57,10 +58,10 @@ def _weight_quantizer(kind: str, bits: int, rows: int) -> Quantizer:
     return AsymmetricQuantizer(bits, rows)
 
 
-def _act_quantizer(kind: str, bits: int, one_sided: bool, align_zero: bool = False) -> Quantizer:
+def _act_quantizer(kind: str, bits: int, one_sided: bool, align_zero: bool = False, parts: int = 1) -> Quantizer:
     if kind == "lsq":
         return LSQQuantizer(bits, signed=not one_sided, one_sided=one_sided)
-    return AsymmetricQuantizer(bits, one_sided=one_sided, align_zero=align_zero)
+    return AsymmetricQuantizer(bits, rows=parts, one_sided=one_sided, align_zero=align_zero, axis=int(parts > 1))
 
 
 def weight_rows(module: nn.Conv2d | nn.Linear, spec: QuantSpec, layout: QuantLayout, name: str) -> int:
@@ -68,6 +69,17 @@ def weight_rows(module: nn.Conv2d | nn.Linear, spec: QuantSpec, layout: QuantLay
     if spec.weight_granularity == "channel":
         return int(module.weight.shape[0])
     return next((g for pattern, g in layout.weight_groups if matches(name, (pattern,))), 1)
+
+
+def input_parts(module: nn.Conv2d | nn.Linear, spec: QuantSpec, layout: QuantLayout, name: str) -> int:
+    """How many grids a layer's input gets: one per concatenated part the layout lists (with `act_granularity`
+    'part'), or one."""
+    if spec.act_granularity != "part":
+        return 1
+    parts = next((p for pattern, p in layout.input_parts if matches(name, (pattern,))), 1)
+    if parts > 1 and (not isinstance(module, nn.Conv2d) or module.in_channels % parts):
+        raise SrquantError(f"{name}: input_parts {parts} needs a conv whose input channels it divides")
+    return parts
 
 
 def _set_child(model: nn.Module, dotted: str, child: nn.Module) -> None:
@@ -100,7 +112,13 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
         device = module.weight.device
         convert_module(
             module,
-            _act_quantizer(spec.act_quantizer, a_bits, one_sided, align_zero=spec.output_bits is not None).to(device),
+            _act_quantizer(
+                spec.act_quantizer,
+                a_bits,
+                one_sided,
+                align_zero=spec.output_bits is not None,
+                parts=input_parts(module, spec, layout, name),
+            ).to(device),
             _weight_quantizer(spec.weight_quantizer, w_bits, weight_rows(module, spec, layout, name)).to(device),
         )
         if spec.output_bits is not None:

@@ -7,8 +7,9 @@ fake-quantizes. Each owns its grid (`grid()`: scale, zero point, integer range, 
 take for a proposed range (`grid_for`), and how it adopts a range (`set_range`); inference rounds with the grid
 itself, so integer codes, checkpoints and exported graphs agree with the model exactly. Training uses each
 kind's own gradient rule. Weight quantizers may hold one set of parameters per slice of the output dimension
-(`rows`: per output channel, or per slice of a fused weight). The bit-width is an int, or a per-sample tensor
-set by dynamic methods (`bits_override`).
+(`rows`: per output channel, or per slice of a fused weight); two-bound activation quantizers may hold one per
+equal part of the channels (`rows` with `axis=1`: the parts of a concatenation). The bit-width is an int, or
+a per-sample tensor set by dynamic methods (`bits_override`).
 """
 
 from __future__ import annotations
@@ -107,26 +108,30 @@ def zero_aligned(
     return aligned, aligned + levels * step
 
 
-def _param_shape(rows: int) -> tuple[int, ...]:
+def _param_shape(rows: int) -> tuple[int, ...]:  # parameters are stored flat; `_rows_param` shapes them
     return (rows,) if rows > 1 else ()
 
 
 class Quantizer(nn.Module):
     """Base class: modes, calibration hand-off, per-sample bits, and the grid interface every consumer uses.
 
-    `rows` > 1 gives each slice of dimension 0 its own parameters (per output channel, or per slice of a fused
-    weight). `one_sided` marks inputs with an exponential-like distribution (post-softmax, post-GELU): DOBI keeps
-    their lower bound at the minimum, LSQ gives them an unsigned grid.
+    `rows` > 1 gives each slice of dimension `axis` its own parameters: of dimension 0 (per output channel, or
+    per slice of a fused weight), or of the channel dimension 1 (per part of a concatenated input). `one_sided`
+    marks inputs with an exponential-like distribution (post-softmax, post-GELU): DOBI keeps their lower bound at
+    the minimum, LSQ gives them an unsigned grid.
     """
 
-    def __init__(self, bits: int, rows: int = 1, one_sided: bool = False) -> None:
+    def __init__(self, bits: int, rows: int = 1, one_sided: bool = False, axis: int = 0) -> None:
         super().__init__()
         if not 1 <= bits <= 16:
             raise ValueError(f"bit-width must be in [1, 16], got {bits}")
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
+        if axis not in (0, 1):
+            raise ValueError(f"rows run along dimension 0 or 1, not {axis}")
         self.bits = bits
         self.rows = rows
+        self.axis = axis
         self.one_sided = one_sided
         self.mode = QuantMode.FP
         self.calibrator: Calibrator | None = None
@@ -147,7 +152,8 @@ class Quantizer(nn.Module):
             if x.shape[0] % override.shape[0]:
                 raise SrquantError(f"input batch {x.shape[0]} is not a multiple of the {override.shape[0]} sample bits")
             override = override.repeat_interleave(x.shape[0] // override.shape[0])
-        return override.reshape(-1, *([1] * (x.dim() - 1)))
+        dims = 3 if self.rows > 1 and self.axis == 1 else x.dim()  # the (batch, rows, -1) view of per-part grids
+        return override.reshape(-1, *([1] * (dims - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantMode.FP:
@@ -170,8 +176,8 @@ class Quantizer(nn.Module):
         return self.grid(x).fake(x)
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
-        """x as the parameters see it: (rows, -1) for per-row quantizers."""
-        return rows_view(x, self.rows)
+        """x as the parameters see it: (rows, -1), or (batch, rows, -1) along the channels, for per-row quantizers."""
+        return rows_view(x, self.rows, self.axis)
 
     def _as_param(self, value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
         """A proposed per-row value as a tensor of a parameter's shape, dtype and device."""
@@ -182,7 +188,9 @@ class Quantizer(nn.Module):
 
     def _rows_param(self, param: torch.Tensor) -> torch.Tensor:
         """A parameter shaped to broadcast against `view(x)`."""
-        return param.view(-1, 1) if self.rows > 1 else param
+        if self.rows == 1:
+            return param
+        return param.view(-1, 1) if self.axis == 0 else param.view(1, -1, 1)
 
     # The grid interface. -------------------------------------------------------------------------------------
 
@@ -223,7 +231,7 @@ class Quantizer(nn.Module):
             raise FloatingPointError(f"non-finite range ({', '.join(str(v.tolist()) for v in values)})")
 
     def extra_repr(self) -> str:
-        extras = f", rows={self.rows}" if self.rows > 1 else ""
+        extras = f", rows={self.rows}" + (", axis=1" if self.axis else "") if self.rows > 1 else ""
         return f"bits={self.bits}, mode={self.mode.value}{extras}" + (", one_sided" if self.one_sided else "")
 
 
@@ -237,8 +245,10 @@ class AsymmetricQuantizer(Quantizer):
     point), as uint8 kernels need.
     """
 
-    def __init__(self, bits: int, rows: int = 1, one_sided: bool = False, align_zero: bool = False) -> None:
-        super().__init__(bits, rows, one_sided)
+    def __init__(
+        self, bits: int, rows: int = 1, one_sided: bool = False, align_zero: bool = False, axis: int = 0
+    ) -> None:
+        super().__init__(bits, rows, one_sided, axis)
         self.align_zero = align_zero
         self.lower_bound = nn.Parameter(torch.zeros(_param_shape(rows)))
         self.upper_bound = nn.Parameter(torch.ones(_param_shape(rows)))
@@ -252,7 +262,7 @@ class AsymmetricQuantizer(Quantizer):
 
     def grid(self, x: torch.Tensor | None = None) -> Grid:
         lower, upper = (b.detach() for b in self.bounds())
-        return asymmetric_grid(lower, upper, self.bits_for(x), self.align_zero, self.rows)
+        return asymmetric_grid(lower, upper, self.bits_for(x), self.align_zero, self.rows, self.axis)
 
     def grid_for(self, lower: torch.Tensor, upper: torch.Tensor, bits: int | None = None) -> Grid:
         return asymmetric_grid(lower, upper, bits or self.bits, self.align_zero)

@@ -10,6 +10,7 @@ from srquant.models.layout import QuantLayout
 WEIGHT_QUANTIZERS = ("asymmetric", "symmetric", "lsq")
 ACT_QUANTIZERS = ("asymmetric", "lsq")
 GRANULARITIES = ("tensor", "channel")
+ACT_GRANULARITIES = ("tensor", "part")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class QuantSpec:
     `weight_granularity`: `channel` gives every output channel of a weight its own grid (per-channel int8, the
     default of onnxruntime, TensorRT and PyTorch PT2E); `tensor` gives the weight one grid, or one per slice of a
     fused weight the layout lists in `weight_groups` (2DQuant's separate q, k, v bounds), as the papers do.
+
+    `act_granularity`: `tensor` gives every layer input one grid, as the papers do; `part` gives the input of each
+    conv the layout lists in `input_parts` (a concatenation of equal channel parts from different sources) one
+    grid per part, so a part with a narrow range is not rounded on a grid sized for a wide one. The integer export
+    takes per-tensor input grids only.
     """
 
     w_bits: int = 4
@@ -45,6 +51,7 @@ class QuantSpec:
     weight_quantizer: str = "asymmetric"
     act_quantizer: str = "asymmetric"
     weight_granularity: str = "channel"
+    act_granularity: str = "tensor"
     output_bits: int | None = None
     glue_bits: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
@@ -66,6 +73,10 @@ class QuantSpec:
             raise ValueError(f"weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
         if self.weight_granularity not in GRANULARITIES:
             raise ValueError(f"weight_granularity must be one of {GRANULARITIES}, got {self.weight_granularity!r}")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+        if self.act_granularity == "part" and self.act_quantizer != "asymmetric":
+            raise ValueError("act_granularity 'part' needs the asymmetric activation quantizer")
         if self.act_quantizer not in ACT_QUANTIZERS:
             raise ValueError(f"act_quantizer must be one of {ACT_QUANTIZERS}, got {self.act_quantizer!r}")
         for pattern in (*(self.layers or ()), *self.keep_fp, *(self.fixed_8bit or ())):
@@ -88,6 +99,7 @@ class QuantSpec:
             "weight_quantizer": self.weight_quantizer,
             "act_quantizer": self.act_quantizer,
             "weight_granularity": self.weight_granularity,
+            "act_granularity": self.act_granularity,
             "output_bits": self.output_bits,
             "glue_bits": self.glue_bits,
             "extra": dict(self.extra),
