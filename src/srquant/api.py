@@ -31,6 +31,7 @@ from srquant.evaluate import DatasetResult, evaluate, image_metrics_of, model_de
 from srquant.methods.pipeline import (
     LoadedCheckpoint,
     QuantizationResult,
+    check_input_granularity,
     load_checkpoint,
     load_quantized,
     quantize_model,
@@ -229,9 +230,9 @@ def quantize(
     exactly what the model computes and runs in uint8 between its kernels; it needs a8 and a fixed-bit method.
     """
     plugin = get_method(method)
-    if act_granularity != "tensor" and (plugin.dynamic or deploy is not None):
-        why = f"{method}'s bits change per image or patch" if plugin.dynamic else "the integer graph's kernels take one"
-        raise SrquantError(f"act_granularity {act_granularity!r} needs per-tensor input grids: {why}")
+    check_input_granularity(method, act_granularity)
+    if act_granularity != "tensor" and deploy is not None:
+        raise SrquantError(f"--deploy {deploy} takes one grid per layer input: its kernels have one input scale")
     if no_adapt:
         overrides = {**overrides, **plugin.fixed_twin(a_bits)}
     root = asset_dir(assets)

@@ -389,9 +389,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = result.spec
     print(
         f"{args.model or args.arch} x{args.scale} {result.method} W{spec.w_bits}A{spec.a_bits} "
-        f"(weights per {spec.weight_granularity}"
-        + (", inputs per part" if spec.act_granularity == "part" else "")
-        + f"): {result.report.summary()}"
+        f"(weights per {spec.weight_granularity}): {result.report.summary()}"
     )
     size = Path(args.output).stat().st_size
     print(f"calibration took {result.calib_seconds:.1f} s; wrote {args.output} ({size / 1e6:.3f} MB)")

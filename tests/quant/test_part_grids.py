@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_each_part_is_rounded_on_its_own_grid() -> None:
 def test_training_path_matches_the_grid_and_trains_each_part() -> None:
     x = _two_parts()
     q = AsymmetricQuantizer(3, rows=2, axis=1)
-    q.set_range(torch.tensor([-0.8, 0.0]), torch.tensor([0.0, 8.0]))
+    q.set_range(torch.tensor([-0.8, 0.0]), torch.tensor([-0.2, 8.0]))
     q.mode = QuantMode.QUANT
     out = q(x)  # grad enabled: the training path
     with torch.no_grad():
@@ -58,6 +59,11 @@ def test_training_path_matches_the_grid_and_trains_each_part() -> None:
     out.sum().backward()
     assert q.upper_bound.grad is not None and q.upper_bound.grad.shape == (2,)
     assert bool((q.upper_bound.grad != 0).all())  # both parts clip above their upper bound
+    # Each part's bound gets the gradient of its own elements only: the clipped sum above it, plus its step's.
+    clipped = [(x[:, :2] > -0.2).sum(), (x[:, 2:] > 8.0).sum()]
+    assert all(int(n) > 0 for n in clipped)
+    below = q.lower_bound.grad
+    assert below is not None and float(below[0]) != float(below[1])
 
 
 @pytest.mark.parametrize("kind", ["minmax", "dobi", "percentile", "dbdc"])
@@ -106,19 +112,44 @@ def test_every_fixed_bit_method_runs_with_part_grids(noise_images: Callable[...,
         "recon": {"calib_count": 4, "calib_size": 8, "iterations": 3, "batch_size": 2},
     }[method]
     spec = QuantSpec(3, 3, act_granularity="part")
-    quantize_model(model, REGISTRY["carn-m"].layout, method, spec, folder, "cpu", **small)
+    result = quantize_model(model, REGISTRY["carn-m"].layout, method, spec, folder, "cpu", **small)
+    assert result.report.input_parts["c3.body.0"] == 4
     q = model.get_submodule("c3.body.0").input_quantizer
     low, high = q.value_range()
-    assert q.rows == 4 and q.mode is QuantMode.QUANT and bool((high > low).all())
+    assert q.mode is QuantMode.QUANT
+    # The first part (the entry conv's features, not after a ReLU) goes negative; the units' outputs (after a
+    # ReLU) do not, so a per-part calibration gives the first part the lowest lower bound and distinct ranges.
+    assert float(low[0]) < float(low[1:].min()) and len({round(float(v), 6) for v in high}) == 4
     with torch.no_grad():
         assert bool(torch.isfinite(model(torch.rand(1, 3, 9, 7))).all())
 
 
 def test_api_refuses_part_grids_for_dynamic_methods_and_integer_export() -> None:
-    with pytest.raises(SrquantError, match="per-tensor input grids"):
+    with pytest.raises(SrquantError, match="needs a fixed-bit method"):
         api.quantize(build_model("imdn", 2, tiny=True), 2, "adabm", 4, 4, act_granularity="part")
-    with pytest.raises(SrquantError, match="per-tensor input grids"):
+    with pytest.raises(SrquantError, match="one input scale"):
         api.quantize(build_model("imdn", 2, tiny=True), 2, "minmax", 8, 8, act_granularity="part", deploy="onnxruntime")
+
+
+def test_pipeline_refuses_part_grids_without_listed_concatenations(noise_images: Callable[..., Path]) -> None:
+    model = build_model("edsr-baseline", 2, tiny=True).eval()
+    with pytest.raises(SrquantError, match="no concatenated inputs"):
+        quantize_model(model, REGISTRY["edsr-baseline"].layout, "minmax", QuantSpec(4, 4, act_granularity="part"), ".")
+    with pytest.raises(SrquantError, match="fixed-bit method"):
+        quantize_model(model, REGISTRY["imdn"].layout, "adabm", QuantSpec(4, 4, act_granularity="part"), ".")
+
+
+@pytest.mark.parametrize("name", ["imdn", "pan", "carn-m", "lmlt-tiny", "eswt"])
+def test_every_listed_fusion_conv_exists_and_gets_its_parts(name: str) -> None:
+    model = build_model(name, 4, tiny=True).eval()
+    layout = REGISTRY[name].layout
+    report = quantize_(model, QuantSpec(4, 4, full=True, act_granularity="part"), layout)
+    for pattern, parts in layout.input_parts:
+        found = [layer for layer in report.layers if re.fullmatch(pattern, layer)]
+        assert found, f"{pattern} matches no quantized layer of {name}"
+        for layer in found:
+            assert report.input_parts[layer] == parts
+            assert model.get_submodule(layer).input_quantizer.rows == parts
 
 
 def test_integer_export_names_the_part_grid_layer() -> None:

@@ -66,6 +66,19 @@ class QuantizationResult:
         return save_quantized(self.network, path, self.method, self.spec, {**self.meta(), **(meta or {})}, self.state)
 
 
+def check_input_granularity(method: str, act_granularity: str, layout: QuantLayout | None = None) -> None:
+    """Refuse per-part input grids where they cannot work: a dynamic method (its bits change per image or patch,
+    its quantizers take one grid per input), or a layout that lists no concatenated inputs."""
+    if act_granularity == "tensor":
+        return
+    if get_method(method).dynamic:
+        raise SrquantError(f"act_granularity {act_granularity!r} needs a fixed-bit method: {method}'s bits change")
+    if layout is not None and not layout.input_parts:
+        raise SrquantError(
+            f"act_granularity {act_granularity!r}: the layout lists no concatenated inputs (`input_parts`) to split"
+        )
+
+
 def quantize_model(
     model: nn.Module,
     layout: QuantLayout,
@@ -81,6 +94,7 @@ def quantize_model(
     (never a benchmark set), on the network's device."""
     plugin = get_method(method)
     config = plugin.config(preset, overrides)
+    check_input_granularity(method, spec.act_granularity, layout)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     data = CalibrationData(
         Path(calib_folder), int(model.scale), device, datasets_root, int(getattr(model, "pad_multiple", 1))

@@ -23,7 +23,8 @@ class Grid:
 
     `scale` and `zero_point` are float tensors (a zero point may be fractional: 2DQuant's two-bound grids need
     not contain 0); `qmin`/`qmax` are the integer code range; `rows` > 1 means the parameters hold one value per
-    slice of dimension 0 (shape (rows, 1) against the (rows, -1) view).
+    slice of dimension `axis`: of dimension 0 (shape (rows, 1) against the (rows, -1) view), or of an
+    activation's channel dimension 1 (shape (1, rows, 1) against the (batch, rows, -1) view).
     """
 
     scale: torch.Tensor

@@ -36,6 +36,7 @@ class QuantReport:
     matmul: dict[str, int] = field(default_factory=dict)
     glue: dict[str, int] = field(default_factory=dict)
     shared_inputs: dict[str, str] = field(default_factory=dict)  # layer -> glue hook whose grid it reads with
+    input_parts: dict[str, int] = field(default_factory=dict)  # layer -> grids of its concatenated input
 
     def summary(self) -> str:
         """One line: counts per bit setting."""
@@ -47,6 +48,8 @@ class QuantReport:
             parts.append(f"{len(self.matmul)} matmul operands")
         if self.glue:
             parts.append(f"{len(self.glue)} glue tensors")
+        if self.input_parts:
+            parts.append(f"{len(self.input_parts)} inputs on per-part grids")
         return ", ".join(parts) or "nothing quantized"
 
 
@@ -109,6 +112,7 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
         else:
             continue
         one_sided = matches(name, layout.post_activation)
+        parts = input_parts(module, spec, layout, name)
         device = module.weight.device
         convert_module(
             module,
@@ -117,13 +121,15 @@ def quantize_(model: nn.Module, spec: QuantSpec, layout: QuantLayout) -> QuantRe
                 a_bits,
                 one_sided,
                 align_zero=spec.output_bits is not None,
-                parts=input_parts(module, spec, layout, name),
+                parts=parts,
             ).to(device),
             _weight_quantizer(spec.weight_quantizer, w_bits, weight_rows(module, spec, layout, name)).to(device),
         )
         if spec.output_bits is not None:
             module.output_quantizer = AsymmetricQuantizer(spec.output_bits, align_zero=True).to(device)
         report.layers[name] = (w_bits, a_bits)
+        if parts > 1:
+            report.input_parts[name] = parts
     if spec.matmul:
         for name, module in list(model.named_modules()):
             leaf = name.rpartition(".")[2]
