@@ -45,7 +45,6 @@ PLANS = {
         for method in ("dobi", "2dquant", "recon")
     ],
 }
-PART_METHODS = ("minmax", "percentile", "dbdc-pac", "dobi", "2dquant", "recon")
 # 2DQuant Table 3, SwinIR-light x4, Set5 drop from FP (32.45 dB): the published order, for scale.
 PAPER_SET5_DROP = {
     4: {"minmax": -3.82, "percentile": -1.81, "dbdc-pac": -1.71, "dobi": -1.35, "2dquant": -0.68},
@@ -153,7 +152,7 @@ def write_parts_table(done: dict, preset: str) -> None:
     for name in NETWORKS:
         fp = done.get(f"{name}|fp")
         for bits in (4, 3, 2):
-            for method in PART_METHODS:
+            for method in METHODS:
                 one = done.get(cell_key(name, bits, method, "channel", preset))
                 part = done.get(cell_key(name, bits, method, "channel+part", preset))
                 if fp is None or part is None:
