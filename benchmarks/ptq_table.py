@@ -21,6 +21,7 @@ import torch
 from common import RESULTS, fp_scores, header, load_json, machine, update_json
 
 from srquant import api, evaluate
+from srquant.methods.registry import get_method
 from srquant.quant.accounting import model_cost
 
 SCALE = 4
@@ -52,6 +53,9 @@ PAPER_SET5_DROP = {
     2: {"minmax": -8.49, "percentile": -9.42, "dbdc-pac": -7.44, "dobi": -3.63, "2dquant": -2.92},
 }
 STORE = RESULTS / "ptq.json"
+# The config fields that set how long a method trains: a stored cell whose values differ from its preset's was run
+# with an earlier schedule; it is marked in the tables and run again by a command that names it.
+SCHEDULE_FIELDS = ("iterations", "calib_count", "batch_size", "dqc_iterations", "e2e_iterations")
 
 
 def cell_key(name: str, bits: int, method: str, granularity: str, preset: str) -> str:
@@ -88,7 +92,26 @@ def run_cell(
         "quantized": result.report.summary(),
         "rollbacks": result.rollbacks,
         "machine": machine(),
+        "schedule": {k: result.settings[k] for k in SCHEDULE_FIELDS if k in (result.settings or {})},
     }
+
+
+def outdated(cell: dict, method: str, preset: str) -> dict[str, object]:
+    """The schedule fields in which a stored cell differs from the method's current preset (empty: current)."""
+    current = get_method(method).config(preset)
+    recorded = cell.get("schedule", {})
+    return {k: v for k, v in recorded.items() if hasattr(current, k) and getattr(current, k) != v}
+
+
+def mark(cell: dict, method: str, preset: str) -> str:
+    """`†` after a cell run with an earlier schedule of its preset."""
+    return "†" if outdated(cell, method, preset) else ""
+
+
+OUTDATED_NOTE = (
+    "† run with an earlier `{preset}` schedule of its method (recon: 300 steps per block, before the preset "
+    "doubled them; `schedule` in docs/results/ptq.json); naming the cell with `--only` runs it again."
+)
 
 
 def parse_cells(text: str) -> list[tuple[str, int, str, str]]:
@@ -120,7 +143,8 @@ def main() -> None:
         if f"{name}|fp" not in load_json(STORE):
             update_json(STORE, f"{name}|fp", fp_scores(name, SCALE, DATASETS, args.assets))
         key = cell_key(name, bits, method, gran, args.preset)
-        if key in load_json(STORE):
+        stored = load_json(STORE).get(key)
+        if stored is not None and not outdated(stored, method, args.preset):
             continue
         cell = run_cell(name, bits, method, gran, args.preset, args.assets, datasets)
         update_json(STORE, key, cell)
@@ -162,11 +186,12 @@ def write_parts_table(done: dict, preset: str) -> None:
                     a = one["scores"].get(dataset, {}).get("psnr") if one else None
                     b = part["scores"].get(dataset, {}).get("psnr")
                     base = fp[dataset]["psnr"]
-                    row.append("-" if a is None else f"{a:.2f} ({a - base:+.2f})")
-                    row.append("-" if b is None else f"{b:.2f} ({b - base:+.2f})")
+                    row.append("-" if a is None else f"{a:.2f} ({a - base:+.2f}){mark(one, method, preset)}")
+                    row.append("-" if b is None else f"{b:.2f} ({b - base:+.2f}){mark(part, method, preset)}")
                     row.append("-" if a is None or b is None else f"{b - a:+.2f}")
                 row.append(f"{part['calib_seconds']:.0f}")
                 lines.append("| " + " | ".join(row) + " |")
+    lines += ["", OUTDATED_NOTE.format(preset=preset)]
     (RESULTS / f"ptq_parts_{preset}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -231,10 +256,11 @@ def write_methods_table(done: dict, preset: str) -> None:
                 paper = PAPER_SET5_DROP[bits].get(method)
                 published = f"{paper:+.2f}" if paper is not None else "-"
                 lines.append(
-                    f"| {name} | W{bits}A{bits} | {method} | {_scores(cell, fp)} | {cell['calib_seconds']:.0f} | "
+                    f"| {name} | W{bits}A{bits} | {method}{mark(cell, method, preset)} | {_scores(cell, fp)} | "
+                    f"{cell['calib_seconds']:.0f} | "
                     f"{cell['size_mb']:.3f} | {published} |"
                 )
-    lines += ["", *ordering_report(done, preset)]
+    lines += ["", OUTDATED_NOTE.format(preset=preset), "", *ordering_report(done, preset)]
     (RESULTS / f"ptq_{preset}.md").write_text("\n".join(lines) + "\n")
 
 
