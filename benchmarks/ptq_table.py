@@ -109,9 +109,15 @@ def mark(cell: dict, method: str, preset: str) -> str:
 
 
 OUTDATED_NOTE = (
-    "† run with an earlier `{preset}` schedule of its method (recon: 300 steps per block, before the preset "
-    "doubled them; `schedule` in docs/results/ptq.json); naming the cell with `--only` runs it again."
+    "† run with an earlier `{preset}` schedule of its method (recon: 300 steps per block, or 600 without the 300 "
+    "end-to-end steps the preset now ends with; `schedule` in docs/results/ptq.json); naming the cell with `--only` "
+    "runs it again."
 )
+
+
+def outdated_note(lines: list[str], preset: str) -> list[str]:
+    """The `†` footnote, for a table that marks a cell."""
+    return ["", OUTDATED_NOTE.format(preset=preset)] if any("†" in line for line in lines) else []
 
 
 def parse_cells(text: str) -> list[tuple[str, int, str, str]]:
@@ -191,7 +197,7 @@ def write_parts_table(done: dict, preset: str) -> None:
                     row.append("-" if a is None or b is None else f"{b - a:+.2f}")
                 row.append(f"{part['calib_seconds']:.0f}")
                 lines.append("| " + " | ".join(row) + " |")
-    lines += ["", OUTDATED_NOTE.format(preset=preset)]
+    lines += outdated_note(lines, preset)
     (RESULTS / f"ptq_parts_{preset}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -260,7 +266,7 @@ def write_methods_table(done: dict, preset: str) -> None:
                     f"{cell['calib_seconds']:.0f} | "
                     f"{cell['size_mb']:.3f} | {published} |"
                 )
-    lines += ["", OUTDATED_NOTE.format(preset=preset), "", *ordering_report(done, preset)]
+    lines += [*outdated_note(lines, preset), "", *ordering_report(done, preset)]
     (RESULTS / f"ptq_{preset}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -25,7 +25,17 @@ SMALL = {  # each method's schedule cut to a few steps
     "percentile": {"calib_count": 4, "calib_size": 16, "calib_batch": 2},
     "dobi": {"calib_count": 4, "calib_size": 16, "calib_batch": 2},
     "2dquant": {"calib_count": 4, "calib_size": 16, "calib_batch": 2, "crop": 16, "iterations": 3, "batch_size": 2},
-    "recon": {"calib_count": 4, "calib_size": 16, "calib_batch": 2, "iterations": 3, "batch_size": 2},
+    "recon": {
+        "calib_count": 4,
+        "calib_size": 16,
+        "calib_batch": 2,
+        "iterations": 3,
+        "batch_size": 2,
+        "e2e_iterations": 2,
+        "e2e_batch": 2,
+        "e2e_crop": 16,
+        "e2e_check_count": 2,
+    },
     "dbdc-pac": {"calib_batches": 2, "calib_batch": 2, "calib_size": 16, "iterations": 3, "crop": 16},
     "adabm": {"epochs": 3, "iterations": 2, "crop": 16, "calib_count": 4, "calib_batch": 2, "guard_seed_batches": 2},
     "granular-dq": {

@@ -109,7 +109,16 @@ def test_every_fixed_bit_method_runs_with_part_grids(noise_images: Callable[...,
         "dobi": {"calib_count": 4, "calib_size": 8},
         "dbdc-pac": {"calib_batches": 2, "calib_size": 8, "iterations": 2, "batch_size": 2, "crop": 8},
         "2dquant": {"calib_count": 4, "calib_size": 8, "iterations": 2, "batch_size": 2, "crop": 8},
-        "recon": {"calib_count": 4, "calib_size": 8, "iterations": 3, "batch_size": 2},
+        "recon": {
+            "calib_count": 4,
+            "calib_size": 8,
+            "iterations": 3,
+            "batch_size": 2,
+            "e2e_iterations": 2,
+            "e2e_batch": 2,
+            "e2e_crop": 8,
+            "e2e_check_count": 2,
+        },
     }[method]
     spec = QuantSpec(3, 3, act_granularity="part")
     result = quantize_model(model, REGISTRY["carn-m"].layout, method, spec, folder, "cpu", **small)

@@ -13,9 +13,9 @@ from srquant.methods import recon
 from srquant.methods.dbdc_pac import DBDC_PAC_PRESETS, pac_schedule
 from srquant.methods.pipeline import load_quantized, quantize_model, save_quantized
 from srquant.methods.ptq import calibrate
-from srquant.methods.recon import ReconConfig, block_data, blocks_of, run_recon
+from srquant.methods.recon import ReconConfig, block_data, blocks_of, distil_ranges, run_recon
 from srquant.methods.training import float_teacher
-from srquant.methods.twodquant import run_dqc
+from srquant.methods.twodquant import DQCReport, run_dqc
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.calibrators import DensityClipCalibrator, is_weight_quantizer
 from srquant.quant.quantize import fp_mode, quantize_, quantizers
@@ -243,7 +243,7 @@ def test_dqc_before_the_blocks_trains_every_bound_from_dobi_against_the_float_ne
     monkeypatch.setattr(recon, "run_dqc", spy_dqc)
     monkeypatch.setattr(recon, "run_recon", spy_recon)
     model = build_model("imdn", 2, tiny=True).eval()
-    settings = dict(calib_count=4, calib_size=8, dqc_iterations=2, dqc_batch=2, dqc_crop=8)
+    settings = dict(calib_count=4, calib_size=8, dqc_iterations=2, dqc_batch=2, dqc_crop=8, e2e_iterations=0)
     quantize_model(model, REGISTRY["imdn"].layout, "recon", QuantSpec(4, 4), folder, "cpu", **settings)
     assert seen["iterations"] == 2 and seen["params"] is None  # None: every bound, weights' and activations'
     assert seen["blocks_done"] == 0 and seen["teacher_is_float_network"] and seen["weights_float"]
@@ -269,3 +269,29 @@ def test_a_block_that_raises_the_output_error_on_the_check_crops_goes_back(monke
     unguarded = _quantized()
     run_recon(unguarded, batches, SMALL)
     assert not torch.equal(unguarded.get_submodule("IMDB2").state_dict()["c1.weight"], untouched["c1.weight"])
+
+
+def test_end_to_end_ranges_that_raise_the_held_out_error_are_put_back(monkeypatch) -> None:  # noqa: ANN001
+    def spoil(model, draw, config, progress=False, params=None, teacher=None):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            for p in params:
+                p.mul_(4.0)
+        return DQCReport()
+
+    monkeypatch.setattr(recon, "run_dqc", spoil)
+    config = dataclasses.replace(SMALL, iterations=5, e2e_iterations=3, e2e_batch=2)
+    batches, held_out = list(_smooth(16).split(8)), [_smooth(8, seed=7)]
+
+    def bounds(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
+
+    guarded = _quantized()
+    run_recon(guarded, batches, dataclasses.replace(config, e2e_iterations=0))
+    before = bounds(guarded)
+    notes = distil_ranges(guarded, lambda n: _smooth(n, seed=5), config, float_teacher(_quantized()), held_out)
+    assert any("end-to-end ranges undone" in n for n in notes)
+    assert all(torch.equal(a, b) for a, b in zip(bounds(guarded), before, strict=True))
+    unguarded = _quantized()
+    run_recon(unguarded, batches, dataclasses.replace(config, e2e_iterations=0))
+    distil_ranges(unguarded, lambda n: _smooth(n, seed=5), config, float_teacher(_quantized()))
+    assert not all(torch.equal(a, b) for a, b in zip(bounds(unguarded), before, strict=True))

@@ -20,8 +20,11 @@
    input with the same share of elements taken from the float one.
 4. The rounding is fixed (hard) and written into the weights, which then hold grid values: checkpoints store
    them as integer codes and exports use them, bit-identically.
-5. Optionally (`e2e_iterations` > 0) the activation ranges are distilled end to end from that float copy
-   (DQC's loss, the divergence guard), the weights staying as reconstructed.
+5. Then (`e2e_iterations` > 0; the `cpu` preset runs 300 steps) the activation ranges are distilled end to end
+   from that float copy (DQC's loss, the divergence guard), the weights staying as reconstructed. The block losses
+   do not see how a range error propagates to the output (docs/quantization.md, CARN-M's `c3` input); this step
+   does. It is undone when the network's output error on `e2e_check_count` held-out crops (drawn with another seed)
+   does not fall.
 6. Optionally (`bias_correction`) each layer's bias is shifted by its mean output error (bias_correction.py).
 
 The divergence guard watches every block: a NaN/inf or blown-up loss restores the block's last sound state.
@@ -92,6 +95,7 @@ class ReconConfig:
     e2e_batch: int = 4
     e2e_crop: int = 48
     e2e_lr: float = 1e-3
+    e2e_check_count: int = 32  # held-out crops the end-to-end step must lower the output error on (0: no check)
     check_count: int = 0  # > 0: crops drawn with another seed, on which no block may raise the output error
     seed: int = 0
     blowup_factor: float = 4.0
@@ -102,8 +106,8 @@ class ReconConfig:
         sizes = (self.calib_count, self.calib_size, self.calib_batch, self.batch_size, self.e2e_batch, self.dqc_batch)
         if min(*sizes, self.e2e_crop, self.dqc_crop) < 1:
             raise SrquantError("recon needs positive calibration counts, crop sizes and batch sizes")
-        if min(self.iterations, self.e2e_iterations, self.dqc_iterations, self.check_count) < 0:
-            raise SrquantError("recon iterations and check_count must be >= 0")
+        if min(self.iterations, self.e2e_iterations, self.dqc_iterations, self.check_count, self.e2e_check_count) < 0:
+            raise SrquantError("recon iterations, check_count and e2e_check_count must be >= 0")
         if not (self.lr_rounding > 0 and self.lr_bounds > 0 and self.e2e_lr > 0 and self.dqc_lr > 0):
             raise SrquantError("recon learning rates must be positive")
         if self.learn_rounding and self.learn_weight_ranges:
@@ -117,9 +121,11 @@ class ReconConfig:
 
 
 RECON_PRESETS = {
-    # srquant's CPU schedule: 64 LR crops of 32 px, 600 steps of batch 4 per block (minutes on 2 cores), the
-    # best of the variants measured in docs/quantization.md (300 steps gave 0.25 dB less on IMDN, 1000 no more).
-    "cpu": ReconConfig(calib_size=32, batch_size=4, lr_rounding=0.05, iterations=600),
+    # srquant's CPU schedule: 64 LR crops of 32 px, 600 steps of batch 4 per block, then 300 end-to-end steps on
+    # the activation ranges (CARN-M x4: 13 minutes on 2 cores); the best of the variants measured in
+    # docs/quantization.md (300 block steps gave 0.25 dB less on IMDN, 1000 no more; the end-to-end steps lowered
+    # CARN-M's held-out output error by 22% and are undone where they raise it, as on IMDN).
+    "cpu": ReconConfig(calib_size=32, batch_size=4, lr_rounding=0.05, iterations=600, e2e_iterations=300),
     # For a GPU: BRECQ's and QDrop's 20,000 steps per block at batch 32 on 1,024 crops, and 2,000 end-to-end steps.
     "gpu": ReconConfig(
         calib_count=1024,
@@ -323,11 +329,12 @@ def run_recon(
     draw_e2e: Callable[[int], torch.Tensor] | None = None,
     teacher: nn.Module | None = None,
     check: Sequence[torch.Tensor] = (),
+    e2e_check: Sequence[torch.Tensor] = (),
 ) -> list[str]:
     """Reconstruct a DOBI-calibrated quantized network block by block on the calibration batches (in place), against
     `teacher` (a `float_teacher` copy of it, made here when not given). With `check` crops (drawn apart from the
     training crops), a block whose reconstruction raises the network's output error on them goes back to its
-    state before."""
+    state before; the end-to-end step (`draw_e2e`) is undone unless it lowers the output error on `e2e_check`."""
     model.eval()
     device = batches[0].device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -353,9 +360,32 @@ def run_recon(
         else:
             current = after
     if config.e2e_iterations and draw_e2e is not None:
-        acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
-        dqc = _dqc_config(config, config.e2e_iterations, config.e2e_batch, config.e2e_lr)
-        notes += run_dqc(model, draw_e2e, dqc, progress, params=acts, teacher=teacher).rollbacks
+        notes += distil_ranges(model, draw_e2e, config, teacher, e2e_check, progress)
+    return notes
+
+
+def distil_ranges(
+    model: nn.Module,
+    draw: Callable[[int], torch.Tensor],
+    config: ReconConfig,
+    teacher: nn.Module,
+    held_out: Sequence[torch.Tensor] = (),
+    progress: bool = False,
+) -> list[str]:
+    """Step 5: every activation range distilled end to end against the float `teacher`; put back as it was when
+    the output error on the `held_out` crops does not fall. Returns the guard's notes."""
+    acts = [p for n, q in quantizers(model) if not is_weight_quantizer(n) for p in q.parameters()]
+    with torch.no_grad():
+        targets = [teacher(x) for x in held_out]
+        saved = [p.detach().clone() for p in acts]
+    before = output_error(model, held_out, targets) if held_out else 0.0
+    dqc = _dqc_config(config, config.e2e_iterations, config.e2e_batch, config.e2e_lr)
+    notes = run_dqc(model, draw, dqc, progress, params=acts, teacher=teacher).rollbacks
+    if held_out and (after := output_error(model, held_out, targets)) >= before:
+        with torch.no_grad():
+            for p, value in zip(acts, saved, strict=True):
+                p.copy_(value)
+        notes.append(f"end-to-end ranges undone (held-out output error {after:.4g} >= {before:.4g})")
     return notes
 
 
@@ -391,7 +421,12 @@ class Recon(Method):
         check = (
             data.batches(config.check_count, size, config.calib_batch, config.seed + 3) if config.check_count else []
         )
-        notes += run_recon(model, batches, config, progress, draw, teacher, check)
+        held_out = (
+            data.batches(config.e2e_check_count, data.rounded(config.e2e_crop), config.calib_batch, config.seed + 4)
+            if config.e2e_iterations and config.e2e_check_count
+            else []
+        )
+        notes += run_recon(model, batches, config, progress, draw, teacher, check, held_out)
         settings = {**dataclasses.asdict(config), "calib_size": size}
         if config.bias_correction:
             settings["bias_corrected"] = len(correct_biases(model, batches, progress, reference=teacher))
