@@ -295,3 +295,8 @@ def test_end_to_end_ranges_that_raise_the_held_out_error_are_put_back(monkeypatc
     run_recon(unguarded, batches, dataclasses.replace(config, e2e_iterations=0))
     distil_ranges(unguarded, lambda n: _smooth(n, seed=5), config, float_teacher(_quantized()))
     assert not all(torch.equal(a, b) for a, b in zip(bounds(unguarded), before, strict=True))
+
+
+def test_recon_config_rejects_a_negative_held_out_count() -> None:
+    with pytest.raises(SrquantError, match="e2e_check_count"):
+        ReconConfig(e2e_check_count=-1)
