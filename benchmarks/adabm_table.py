@@ -33,7 +33,7 @@ BASES = ((4, 4), (8, 6))  # AdaBM run.sh's two base configurations, (w_bits, a_b
 VARIANTS: dict[str, dict[str, bool]] = {
     "fixed": {"image2bit": False, "layer2bit": False},
     "adabm": {},
-    "image2bit-only": {"layer2bit": False},
+    "image2bit-only": {"image2bit": True, "layer2bit": False},
     "layer2bit-only": {"image2bit": False},
     "no-bac": {"bit_aware_clipping": False},
 }

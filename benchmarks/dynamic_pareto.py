@@ -54,8 +54,8 @@ def quantize_cell(name: str, method: str, variant: str, assets: str | None, path
     if method in ADABM_BASES:
         w_bits, a_bits = ADABM_BASES[method]
         extra = {"no_adapt": variant == "fixed"}
-        if variant == "paper":
-            extra["allocation"] = "paper"
+        if variant == "paper":  # the paper's allocation, bit ranges and image bit
+            extra.update(allocation="paper", layer_range=1, image2bit=True)
         result = api.quantize(
             name, SCALE, "adabm", w_bits, a_bits, assets=assets, device="cpu", weight_granularity="channel", **extra
         )

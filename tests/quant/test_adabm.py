@@ -25,7 +25,7 @@ from srquant.methods.adabm import (
     image_complexity,
     run_adabm,
 )
-from srquant.methods.adabm.allocation import best_offsets, measured_allocation
+from srquant.methods.adabm.allocation import best_offsets, measured_allocation, one_bit_steps
 from srquant.methods.pipeline import load_quantized, save_quantized
 from srquant.metrics.complexity import bitops
 from srquant.models.registry import REGISTRY, build_model
@@ -65,13 +65,13 @@ def _run(
     return result.model, result
 
 
-def _calibrated(name: str = "imdn") -> tuple[AdaptiveBitsModel, BitController]:
+def _calibrated(name: str = "imdn", layer_range: int = 1) -> tuple[AdaptiveBitsModel, BitController]:
     """A tiny model quantized W4A4, calibrated by AdaBM's statistics, run with its controller."""
     torch.manual_seed(0)
     network = build_model(name, 2, tiny=True).eval()
     layout = REGISTRY[name].layout
     report = quantize_(network, QuantSpec(4, 4, weight_quantizer="symmetric", matmul=False), layout)
-    controller = BitController([n for n in report.layers if matches(n, layout.body)], 4)
+    controller = BitController([n for n in report.layers if matches(n, layout.body)], 4, layer_range=layer_range)
     gen = torch.Generator().manual_seed(0)
     calibrate_adabm(network, controller, [_smooth(8, gen=gen) for _ in range(2)], SMALL)
     return AdaptiveBitsModel(network, controller), controller
@@ -327,19 +327,45 @@ def test_weight_search_is_per_channel_with_channel_granularity() -> None:
     assert bounds.shape == (layer.weight.shape[0],) and len(set(bounds.tolist())) > 1
 
 
+def _one(values: list[float]) -> list[list[float]]:
+    """Per-item tables with only the one-bit move."""
+    return [[v] for v in values]
+
+
 def test_best_offsets_balance_raises_and_cuts_for_the_largest_net_gain() -> None:
-    assert best_offsets([0.5, 0.1, 0.0], [0.2, 0.05, 1.0]) == [1, -1, 0]
-    assert best_offsets([0.01, 0.02], [0.5, 0.4]) == [0, 0]  # no raise pays for a step down: fixed bits
+    assert best_offsets(_one([0.5, 0.1, 0.0]), _one([0.2, 0.05, 1.0])) == [1, -1, 0]
+    assert best_offsets(_one([0.01, 0.02]), _one([0.5, 0.4])) == [0, 0]  # no raise pays for a step down: fixed bits
     # Greedy pairing would raise 0 against 1 (net 0.8); raising 0 and 1 against 2 and 3 nets 1.2.
-    assert best_offsets([0.9, 0.8, 0.1, 0.1], [0.0, 0.1, 0.2, 0.3]) == [1, 1, -1, -1]
+    assert best_offsets(_one([0.9, 0.8, 0.1, 0.1]), _one([0.0, 0.1, 0.2, 0.3])) == [1, 1, -1, -1]
     gains, costs = torch.rand(9).tolist(), torch.rand(9).tolist()
-    chosen = best_offsets(gains, costs)
+    chosen = best_offsets(_one(gains), _one(costs))
 
     def value(offsets: list[int]) -> float:
         return sum(g if o == 1 else -c if o == -1 else 0.0 for o, g, c in zip(offsets, gains, costs, strict=True))
 
     balanced = [list(o) for o in itertools.product((-1, 0, 1), repeat=9) if sum(o) == 0]
     assert sum(chosen) == 0 and value(chosen) == pytest.approx(max(value(o) for o in balanced))
+
+
+def test_best_offsets_with_two_bit_moves_is_exact_and_respects_each_items_reach() -> None:
+    # Item 0 gains most from +2, which two cheap cuts pay for; item 2 cannot be cut twice (its table stops at -1).
+    assert best_offsets([[0.5, 0.9], [0.0, 0.0], [0.0]], [[1.0, 2.0], [0.1, 0.3], [0.05]]) == [2, -1, -1]
+    gen = torch.Generator().manual_seed(2)
+    gains = [sorted(torch.rand(2, generator=gen).tolist()) for _ in range(6)]
+    costs = [sorted(torch.rand(2, generator=gen).tolist()) for _ in range(6)]
+    chosen = best_offsets(gains, costs)
+
+    def value(offsets: tuple[int, ...] | list[int]) -> float:
+        return sum(gains[k][o - 1] if o > 0 else -costs[k][-o - 1] if o < 0 else 0.0 for k, o in enumerate(offsets))
+
+    balanced = [o for o in itertools.product(range(-2, 3), repeat=6) if sum(o) == 0]
+    assert sum(chosen) == 0 and value(chosen) == pytest.approx(max(value(o) for o in balanced))
+
+
+def test_one_bit_steps_pair_the_largest_marginal_gains_with_the_cheapest_marginal_cuts() -> None:
+    # Item 0 at +2: marginal gains 0.5 then 0.1; item 1 at +1: 0.3; item 2 at -2: marginal costs 0.1 then 0.4.
+    raises, cuts = one_bit_steps([2, 1, -2, -1], [[0.5, 0.6], [0.3], [], []], [[], [], [0.1, 0.5], [0.2]])
+    assert raises == [0, 1, 0] and cuts == [2, 3, 2]
 
 
 def test_measured_allocation_keeps_fab_at_the_base_and_follows_its_own_measurements() -> None:
@@ -352,14 +378,42 @@ def test_measured_allocation_keeps_fab_at_the_base_and_follows_its_own_measureme
     index = {name: k for k, name in enumerate(controller.layer_names)}
     assert len(report.raised) == len(report.lowered)
     assert all(offsets[index[n]] == 1 for n in report.raised) and all(offsets[index[n]] == -1 for n in report.lowered)
-    net = sum(report.layer_gain[index[n]] for n in report.raised) - sum(
-        report.layer_cost[index[n]] for n in report.lowered
+    net = sum(report.layer_gain[index[n]][0] for n in report.raised) - sum(
+        report.layer_cost[index[n]][0] for n in report.lowered
     )
     assert net > 0 or not report.raised
     assert report.image_direction == max((0, 1, -1), key=lambda d: report.image_gain_db[d])
     assert float(controller.image_direction) == report.image_direction
     bits = controller(crops).detach()
     assert float((bits - 4 - controller.image_bits(crops).detach()[:, None]).mean()) == 0  # layer bits average the base
+
+
+def test_measured_allocation_with_layer_range_two_moves_layers_by_up_to_two_bits_at_the_base_fab() -> None:
+    model, controller = _calibrated(layer_range=2)
+    gen = torch.Generator().manual_seed(5)
+    crops, held_out = _smooth(8, gen=gen), _smooth(8, gen=gen)
+    report = measured_allocation(model.network, controller, crops, held_out)
+    assert all(len(g) == 2 and len(c) == 2 for g, c in zip(report.layer_gain, report.layer_cost, strict=True))
+    offsets = controller.measure_layer.detach()
+    assert float(offsets.sum()) == 0 and set(offsets.tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0}
+    assert torch.equal(controller.layer_bits().detach(), offsets)  # the clamp reaches +-2
+    index = {name: k for k, name in enumerate(controller.layer_names)}
+    assert {n: int(offsets[index[n]]) for n in report.offsets} == report.offsets
+    assert all(offsets[k] == 0 for n, k in index.items() if n not in report.offsets)
+    if report.offsets:  # kept only because it lowered the held-out error
+        assert report.layer_held_out_change is not None and report.layer_held_out_change < 0
+    with torch.no_grad():
+        restored = BitController.from_state(controller.state_dict())
+    assert restored.layer_range == 2 and torch.equal(restored.layer_bits(), controller.layer_bits().detach())
+
+
+def test_layer_range_bounds_the_base_bits_and_is_validated() -> None:
+    with pytest.raises(SrquantError, match="layer_range"):
+        AdaBMConfig(layer_range=0)
+    network = build_model("imdn", 2, tiny=True).eval()
+    wide = dataclasses.replace(SMALL, layer_range=2)
+    with pytest.raises(SrquantError, match=r"\[4, 13\]"):
+        run_adabm(network, REGISTRY["imdn"].layout, QuantSpec(4, 3), _sampler(), wide)
 
 
 def test_direction_minus_one_gives_flat_images_more_bits_and_zero_switches_image2bit_off() -> None:
@@ -384,3 +438,22 @@ def test_a_measured_run_reloads_with_its_direction_and_gives_identical_outputs(t
     x = torch.cat([FLAT, BUSY, _smooth(2)])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("reclip", [False, True])
+def test_the_measured_allocation_moves_bits_on_the_tuned_fixed_twin_and_nothing_else(reclip: bool) -> None:
+    config = dataclasses.replace(SMALL, allocation="measured", layer_range=2, sensitivity_crops=4, reclip=reclip)
+    model, adaptive = _run(config=config)
+    twin, fixed = _run(config=dataclasses.replace(config, image2bit=False, layer2bit=False))
+    assert adaptive.allocation is not None and fixed.allocation is None
+    assert adaptive.losses == fixed.losses  # the same fine-tuning, at the base bits
+    bits = adaptive.controller.layer_bits().tolist()
+    moved = {n: int(b) for n, b in zip(adaptive.controller.layer_names, bits, strict=True) if b}
+    assert moved == adaptive.allocation.offsets and moved
+    mine, theirs = model.network.state_dict(), twin.network.state_dict()
+    assert mine.keys() == theirs.keys()
+    differ = {k for k in mine if not torch.equal(mine[k], theirs[k])}
+    if reclip:  # only the moved layers' input ranges, clipped for their new bits
+        assert differ and {k.split(".input_quantizer.")[0] for k in differ} <= set(moved)
+    else:
+        assert not differ

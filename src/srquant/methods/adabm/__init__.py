@@ -3,11 +3,14 @@
 1. `quantize_` with a symmetric weight quantizer; the adaptive layers are the layout's body (with `full`,
    head/upsampler/tail run at a fixed, non-adaptive W8A8).
 2. Calibration (`calibration`): weight bounds by MSE search, activation ranges by EMA min/max, Image2Bit
-   thresholds and Layer2Bit measures from the calibration crops. With `allocation="measured"` (srquant's `cpu`
-   and `gpu` presets; `allocation`) the layer bits and the image direction come instead from what +-1 bit does
-   to the output error on calibration crops. Then bit-aware clipping once.
+   thresholds and Layer2Bit measures from the calibration crops. Then bit-aware clipping once.
 3. Fine-tuning (`finetune`): phase-cycled distillation of weight bounds, activation bounds and bit measures.
 4. The model is evaluated as an `AdaptiveBitsModel` (`controller`): every image gets its own bits.
+
+With `allocation="measured"` (srquant's `cpu` and `gpu` presets; `allocation`) steps 2 and 3 run with both
+adaptations off, so they give exactly the fixed-bit twin, and the bits are then chosen on that tuned model from
+what moving each layer by up to `layer_range` bits (its range clipped for the new bit) and every image by one
+does to the output error on calibration crops, each change kept only if held-out crops confirm it.
 
 Departures from the released code: max|W| for the weight search; the model stays in eval mode throughout (the
 original's train-mode calibration would move BatchNorm statistics); a divergence guard rolls back every
@@ -24,10 +27,11 @@ method is fixed-bit at the base with the same quantizer, calibration, BaC and we
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +94,17 @@ class AdaBMResult:
         return self.model.controller
 
 
+@contextlib.contextmanager
+def adaptation_off(controller: BitController) -> Iterator[None]:
+    """Both adaptations switched off for a while (the fixed-bit twin's fine-tuning), then back as they were."""
+    saved = controller.image2bit, controller.layer2bit
+    controller.image2bit = controller.layer2bit = False
+    try:
+        yield
+    finally:
+        controller.image2bit, controller.layer2bit = saved
+
+
 def run_adabm(
     network: nn.Module,
     layout: QuantLayout,
@@ -104,8 +119,12 @@ def run_adabm(
     The calibration crops are the stream's first `calib_count`; the model returned runs the network with every
     image's own bits.
     """
-    if not 3 <= spec.a_bits <= 14:
-        raise SrquantError(f"AdaBM needs base activation bits in [3, 14] (bits vary by +-2), got {spec.a_bits}")
+    reach = config.layer_range + int(config.image2bit)  # layer offsets plus the image bit
+    if not 1 + reach <= spec.a_bits <= 16 - reach:
+        raise SrquantError(
+            f"AdaBM with layer_range {config.layer_range} needs base activation bits in [{1 + reach}, {16 - reach}] "
+            f"(bits vary by +-{reach}), got {spec.a_bits}"
+        )
     if not 2 <= spec.w_bits <= 16:
         raise SrquantError(f"AdaBM's symmetric weight quantizer needs w_bits in [2, 16], got {spec.w_bits}")
     if spec.output_bits is not None:
@@ -118,20 +137,29 @@ def run_adabm(
     if not adaptive:
         raise SrquantError("AdaBM found no adaptive layers: the layout's body matched nothing")
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
-    controller = BitController(adaptive, spec.a_bits, config.image2bit, config.layer2bit).to(device)
+    controller = BitController(adaptive, spec.a_bits, config.image2bit, config.layer2bit, config.layer_range)
+    controller = controller.to(device)
     sizes = [min(config.calib_batch, config.calib_count - i) for i in range(0, config.calib_count, config.calib_batch)]
     calib = [draw_batch(n) for n in sizes]
     calibrate_adabm(network, controller, calib, config)
-    allocation = None
-    if config.allocation == "measured" and (controller.layer2bit or controller.image2bit):
-        crops, n = torch.cat(calib), config.scoring_crops  # the config ensures 2n <= calib_count
-        allocation = measured_allocation(network, controller, crops[:n], crops[n : 2 * n])
+    measured = config.allocation == "measured" and (controller.layer2bit or controller.image2bit)
+    if measured:  # fine-tune the fixed-bit twin first; the bits are measured on the tuned model (`allocation`)
+        with torch.no_grad():
+            controller.measure_layer.zero_()
+            controller.image_direction.zero_()
     model = AdaptiveBitsModel(network, controller)
     if config.bit_aware_clipping:
         bit_aware_clipping(model, draw_batch(config.batch_size), config)
-    result = AdaBMResult(model, report, spec, adaptive, config, calib_seconds=time.perf_counter() - start)
-    result.allocation = allocation
-    tuned = fine_tune(model, calib, draw_batch, config, progress)
+    calib_seconds = time.perf_counter() - start
+    with adaptation_off(controller) if measured else contextlib.nullcontext():
+        tuned = fine_tune(model, calib, draw_batch, config, progress)
+    allocation = None
+    if measured:
+        allocating = time.perf_counter()
+        crops, n = torch.cat(calib), config.scoring_crops  # the config ensures 2n <= calib_count
+        allocation = measured_allocation(network, controller, crops[:n], crops[n : 2 * n], config.reclip)
+        calib_seconds += time.perf_counter() - allocating
+    result = AdaBMResult(model, report, spec, adaptive, config, calib_seconds=calib_seconds, allocation=allocation)
     result.losses, result.phases, result.rollbacks = tuned.losses, tuned.phases, tuned.rollbacks
     result.stopped_early = tuned.stopped_early
     result.seconds = time.perf_counter() - start

@@ -1,8 +1,9 @@
 """AdaBM's bit state and how a model runs with it: Image2Bit, Layer2Bit, and the adaptive-bit model wrapper.
 
 Every adaptive layer k quantizes its input, for image x, at
-    a_k(x) = base + b_img(x) + b_layer(k),   b_img, b_layer in {-1, 0, +1},
-with the hard value used forward and a tanh surrogate backward (`soft - soft.detach() + hard.detach()`).
+    a_k(x) = base + b_img(x) + b_layer(k),   b_img in {-1, 0, +1},   b_layer in {-R, ..., +R},
+where R (`layer_range`) is 1 in the paper and 2 in srquant's presets, with the hard value used forward and a tanh
+surrogate backward (`soft - soft.detach() + hard.detach()`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ class BitController(nn.Module):
     """
 
     def __init__(
-        self, layer_names: Sequence[str], base_bits: int, image2bit: bool = True, layer2bit: bool = True
+        self,
+        layer_names: Sequence[str],
+        base_bits: int,
+        image2bit: bool = True,
+        layer2bit: bool = True,
+        layer_range: int = 1,
     ) -> None:
         super().__init__()
         self.layer_names = tuple(layer_names)
         self.base_bits = int(base_bits)
+        self.layer_range = int(layer_range)  # b_layer in [-layer_range, layer_range]; the paper's is 1
         self.image2bit = bool(image2bit)
         self.layer2bit = bool(layer2bit)
         self.measure_l = nn.Parameter(torch.tensor(0.0))
@@ -69,6 +76,7 @@ class BitController(nn.Module):
             "base_bits": self.base_bits,
             "image2bit": self.image2bit,
             "layer2bit": self.layer2bit,
+            "layer_range": self.layer_range,
         }
 
     def set_extra_state(self, state: dict[str, object]) -> None:
@@ -78,6 +86,7 @@ class BitController(nn.Module):
             raise SrquantError("AdaBM bit state was saved for other layers or another base bit-width")
         self.image2bit = bool(state["image2bit"])
         self.layer2bit = bool(state["layer2bit"])
+        self.layer_range = int(state.get("layer_range", 1))  # type: ignore[call-overload]
 
     @classmethod
     def from_state(cls, state: dict[str, object]) -> BitController:
@@ -119,17 +128,18 @@ class BitController(nn.Module):
         offsets = self.layer_bits().detach()
         order = torch.randperm(len(offsets), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            control.measure_layer.copy_(offsets[order.to(offsets.device)])  # values in {-1, 0, 1}: exact offsets
+            control.measure_layer.copy_(offsets[order.to(offsets.device)])  # integer values: exact offsets
         control.random_image_shares = check_histogram(image_shares)
         control.random_seed = seed
         return control
 
     def layer_bits(self) -> torch.Tensor:
-        """b_layer per adaptive layer: round(clamp(m, -1, 1)) forward, tanh(m) backward (0 when off)."""
-        m = self.measure_layer
+        """b_layer per adaptive layer: round(clamp(m, -R, R)) forward, R tanh(m / R) backward, R = layer_range
+        (the paper's R = 1: round(clamp(m, -1, 1)) and tanh(m)); 0 when off."""
+        m, r = self.measure_layer, float(self.layer_range)
         if not self.layer2bit:
             return m.detach().new_zeros(m.shape)
-        return straight_through(torch.tanh(m), torch.round(m.clamp(-1.0, 1.0)))
+        return straight_through(r * torch.tanh(m / r), torch.round(m.clamp(-r, r)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Activation bits (B, n_layers) for a batch: base + b_img + b_layer."""
