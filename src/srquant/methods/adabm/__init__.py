@@ -157,7 +157,7 @@ def run_adabm(
     if measured:
         allocating = time.perf_counter()
         crops, n = torch.cat(calib), config.scoring_crops  # the config ensures 2n <= calib_count
-        allocation = measured_allocation(network, controller, crops[:n], crops[n : 2 * n], config.reclip)
+        allocation = measured_allocation(network, controller, crops[:n], crops[n : 2 * n], reclip=config.reclip)
         calib_seconds += time.perf_counter() - allocating
     result = AdaBMResult(model, report, spec, adaptive, config, calib_seconds=calib_seconds, allocation=allocation)
     result.losses, result.phases, result.rollbacks = tuned.losses, tuned.phases, tuned.rollbacks

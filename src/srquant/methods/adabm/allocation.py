@@ -195,7 +195,7 @@ def _image_gain(scorer: _Scorer, controller: BitController, layer_bits: list[int
 
 @torch.no_grad()
 def measured_allocation(
-    network: nn.Module, controller: BitController, crops: torch.Tensor, held_out: torch.Tensor, reclip: bool = False
+    network: nn.Module, controller: BitController, crops: torch.Tensor, held_out: torch.Tensor, *, reclip: bool
 ) -> AllocationReport:
     """Set the controller's layer offsets and image direction from measured output errors on `crops`, keeping a
     change only if it also lowers the error on the `held_out` crops (else the fixed-bit choice). With `reclip`
