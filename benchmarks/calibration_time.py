@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from common import RESULTS, fp_scores, header, load_json, update_json
-from ptq_table import SCALE, parse_cells, run_cell
+from ptq_table import SCALE, cell_key, parse_cells, run_cell
 
 DEFAULT_CELLS = ",".join(
     [f"{name}:{bits}:recon:channel+part" for bits in (4, 2) for name in ("imdn", "pan", "carn-m")]
@@ -40,7 +40,7 @@ def main() -> None:
     for name, bits, method, gran in [] if args.table_only else parse_cells(args.only):
         cell = run_cell(name, bits, method, gran, args.preset, args.assets, DATASETS)
         cell["fp"] = fp_scores(name, SCALE, DATASETS, args.assets)
-        update_json(STORE, f"{name}|W{bits}A{bits}|{method}|{gran}|{args.preset}", cell)
+        update_json(STORE, cell_key(name, bits, method, gran, args.preset), cell)
         print(f"{name} W{bits}A{bits} {method} {gran}: calib {cell['calib_seconds']:.0f} s", flush=True)
     write_table(load_json(STORE))
 

@@ -7,6 +7,7 @@ are skipped on a re-run; tables are written from whatever cells exist.
     python benchmarks/ptq_table.py --assets ../shared/assets --plan parts     # per-part input grids
     python benchmarks/ptq_table.py --table-only
     python benchmarks/ptq_table.py --assets ../shared/assets --only imdn:4:recon:channel+part --checkpoints /tmp/ptq
+    python benchmarks/ptq_table.py --assets ../shared/assets --only imdn:4:dobi:channel --rerun   # replace a cell
 
 With `--checkpoints DIR` every cell run also writes its quantized checkpoint to DIR, and a stored cell that lacks some
 of the requested `--datasets` but has its checkpoint there is evaluated on the missing sets only (no recalibration).
@@ -117,9 +118,8 @@ def run_cell(
     }
 
 
-def add_datasets(cell: dict, checkpoint: Path, datasets: list[str], assets: str | None) -> dict:
-    """Evaluate a stored cell's checkpoint on the requested sets it lacks and merge the scores."""
-    missing = [d for d in datasets if d not in cell["scores"]]
+def add_datasets(cell: dict, checkpoint: Path, missing: list[str], assets: str | None) -> dict:
+    """Evaluate a stored cell's checkpoint on the sets it lacks and merge the scores."""
     results = evaluate(load_quantized(checkpoint), missing, SCALE, ["basicsr"], assets, progress=False)
     scores = {**cell["scores"], **{r.dataset: {"psnr": r.psnr, "ssim": r.ssim} for r in results}}
     return {**cell, "scores": scores}
@@ -169,6 +169,7 @@ def main() -> None:
         "--datasets", default=",".join(DATASETS), help="comma list; missing sets show as - in the tables"
     )
     parser.add_argument("--table-only", action="store_true", help="write the tables from the results file")
+    parser.add_argument("--rerun", action="store_true", help="run the named cells again even when stored")
     parser.add_argument(
         "--checkpoints", type=Path, help="folder for each run cell's checkpoint; fills missing sets from it"
     )
@@ -183,11 +184,14 @@ def main() -> None:
         key = cell_key(name, bits, method, gran, args.preset)
         stored = load_json(STORE).get(key)
         saved = checkpoint_path(args.checkpoints, key) if args.checkpoints else None
-        if stored is not None and not outdated(stored, method, args.preset):
+        if stored is not None and not outdated(stored, method, args.preset) and not args.rerun:
+            missing = [d for d in datasets if d not in stored["scores"]]
             own = saved is not None and saved.is_file() and stored.get("checkpoint") == str(saved)
-            if own and set(datasets) - set(stored["scores"]):
-                update_json(STORE, key, add_datasets(stored, saved, datasets, args.assets))
-                print(f"{key:<40} added {', '.join(sorted(set(datasets) - set(stored['scores'])))}", flush=True)
+            if missing and own:
+                update_json(STORE, key, add_datasets(stored, saved, missing, args.assets))
+                print(f"{key:<40} added {', '.join(missing)}", flush=True)
+            elif missing:
+                print(f"{key:<40} lacks {', '.join(missing)} and has no checkpoint to add them from: --rerun it")
             continue
         cell = run_cell(name, bits, method, gran, args.preset, args.assets, datasets, saved)
         update_json(STORE, key, cell)
