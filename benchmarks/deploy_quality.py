@@ -4,12 +4,12 @@ layers) by each calibration method; Set5 PSNR of the fake-quant model against FP
 graph for every method.
 
     python benchmarks/deploy_quality.py --assets ../shared/assets [--networks imdn,pan,carn-m]
-        [--methods minmax,percentile,dobi,2dquant,recon,minmax+bc] [--threads 1] [--table-only]
+        [--methods minmax,percentile,dobi,2dquant,recon,minmax+bc] [--threads 1] [--table-only] [--rerun]
 
 `M+bc` is method M followed by bias correction (`--bias-correction`; minmax, percentile, dobi and recon).
 
-Resumable: cells live in docs/results/deploy_quality.json; writes docs/results/deploy_quality.md. Speed is
-method-independent (the same graph) and lives in docs/results/speed_cpu.md.
+Resumable: cells live in docs/results/deploy_quality.json (`--rerun` replaces the named ones); writes
+docs/results/deploy_quality.md. Speed is method-independent (the same graph) and lives in docs/results/speed_cpu.md.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, fp_scores, header, load_json, update_json
+from ptq_table import SCHEDULE_FIELDS
 
 from srquant import api, evaluate
 from srquant.deploy.ort_runtime import OrtUpscaler
@@ -52,6 +53,8 @@ def run_cell(name: str, method: str, assets: str | None) -> dict:
         "calib_seconds": result.calib_seconds,
         "spec": f"W{result.spec.w_bits}A{result.spec.a_bits}",
         "quantized": result.report.summary(),
+        "schedule": {k: result.settings[k] for k in SCHEDULE_FIELDS if k in (result.settings or {})},
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--rerun", action="store_true", help="run the named cells again, replacing stored ones")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +80,7 @@ def main() -> None:
             update_json(STORE, f"{name}|fp", fp_scores(name, SCALE, ["Set5"], args.assets))
         for method in methods:
             key = f"{name}|{method}"
-            if key in load_json(STORE):
+            if key in load_json(STORE) and not args.rerun:
                 continue
             cell = run_cell(name, method, args.assets)
             update_json(STORE, key, cell)

@@ -210,11 +210,13 @@ def write_parts_table(done: dict, preset: str) -> None:
         "\nPer-channel weights in both columns. One grid: every layer input on one grid (the papers' choice, as in "
         "docs/results/ptq_cpu.md). Per part: each conv whose input concatenates several sources (the layouts' "
         "`input_parts`: CARN-M's cascade fusion convs, IMDN's c5, PAN's SCPA conv3, LMLT-Tiny's level fusion, "
-        "ESWT's branch projection) gets one grid per part; every other input keeps one grid. Set5/Set14 PSNR with "
-        "the drop from FP; calibration seconds of the per-part cell. The plan runs every cell on all four sets; "
-        "most cells were run with `--only NETWORK:BITS:METHOD:channel+part --datasets Set5,Set14 --threads 1` "
-        "beside one or two other jobs, so their calibration seconds are upper bounds. The cells scored on all four "
-        "sets ran alone (the last section).\n"
+        "ESWT's branch projection) gets one grid per part, and the transformers' feed-forward reducing convs "
+        "(LMLT-Tiny's CCM 1x1 after GELU, ESWT's MLP fc2 after SiLU) one grid per input channel; every other "
+        "input keeps one grid. Set5/Set14 PSNR with the drop from FP; calibration seconds of the per-part cell. "
+        "The plan runs every cell on all four sets; most cells were run with `--only "
+        "NETWORK:BITS:METHOD:channel+part --datasets Set5,Set14 --threads 1` beside one or two other jobs, so "
+        "their calibration seconds are upper bounds. The cells scored on all four sets ran alone (the last "
+        "section).\n"
     )
     lines.append(
         "| network | bits | method | Set5 one grid | Set5 per part | gain | Set14 one grid | Set14 per part | gain "

@@ -236,3 +236,25 @@ def test_a_failed_adoption_leaves_the_module_as_it_was() -> None:
     with pytest.raises(SrquantError, match="upscales x2"):
         api.float_network(model, 3, input_range=255)
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_zoo_checkpoint_reloads_with_its_own_layout_after_the_zoo_layout_changes(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from srquant.models.layout import PER_CHANNEL
+    from srquant.models.registry import REGISTRY, build_model
+
+    torch.manual_seed(0)
+    network = build_model("lmlt-tiny", 2, tiny=True).eval()
+    result = srquant.quantize(network, 2, "minmax", 4, 4, assets=assets, device="cpu", act_granularity="part", **SMALL)
+    result.save(tmp_path / "q.pt")
+    entry = REGISTRY["lmlt-tiny"]
+    old_layout = dataclasses.replace(entry.layout, input_parts=((r"feats\.\d+\.lhsb\.aggr", 4),))
+    assert (r"feats\.\d+\.ccm\.ccm\.2", PER_CHANNEL) in entry.layout.input_parts
+    monkeypatch.setitem(REGISTRY, "lmlt-tiny", dataclasses.replace(entry, layout=old_layout))
+    again = srquant.load_quantized(tmp_path / "q.pt")
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(result.model(x), again(x))

@@ -170,13 +170,14 @@ def _required(scale: int | None) -> int:
 
 
 def network_layout(network: nn.Module, layout: QuantLayout | None = None) -> tuple[QuantLayout, InferredLayout | None]:
-    """The layout to quantize a network with: the one given, its zoo entry's, or one inferred from its graph
-    (then recorded with the network, so its checkpoint reloads with the same layers)."""
+    """The layout to quantize a network with: the one given, its zoo entry's, or one inferred from its graph. It
+    is recorded with the network, so its checkpoint reloads with the same layers and grids even after the zoo
+    entry's layout changes."""
     record = architecture_record(network)
-    if layout is None and record.get("kind") == "zoo":
-        return layout_of(network), None
     inferred = None
-    if layout is None:
+    if layout is None and record.get("kind") == "zoo":
+        layout = layout_of(network)
+    elif layout is None:
         inferred = infer_layout(network)
         layout = inferred.layout
         if not getattr(network, "stage_names", ()):
@@ -223,11 +224,12 @@ def quantize(
     one for a network outside the zoo (`result.inferred`); `layers` (the body) and `keep_fp` override it by
     name patterns. Calibration crops come from `calib` (default: `<assets>/calibration/train291`), never a
     benchmark set. `weight_granularity` None takes the preset's choice (the papers' presets: per tensor;
-    srquant's: per channel). `act_granularity="part"` gives each concatenated part of a fusion conv's input its
-    own grid (fixed-bit methods; not exportable). `overrides` replace fields of the method's config (e.g.
-    iterations, batch_size, seed). `no_adapt` turns a dynamic method into its fixed-bit twin at `a_bits` (same
-    quantizers, calibration and schedule). `deploy="onnxruntime"` sets the recipe whose integer graph computes
-    exactly what the model computes and runs in uint8 between its kernels; it needs a8 and a fixed-bit method.
+    srquant's: per channel). `act_granularity="part"` gives each concatenated part of a fusion conv's input (each
+    channel, where the layout lists `PER_CHANNEL`) its own grid (fixed-bit methods; not exportable). `overrides`
+    replace fields of the method's config (e.g. iterations, batch_size, seed). `no_adapt` turns a dynamic method
+    into its fixed-bit twin at `a_bits` (same quantizers, calibration and schedule). `deploy="onnxruntime"` sets
+    the recipe whose integer graph computes exactly what the model computes and runs in uint8 between its kernels;
+    it needs a8 and a fixed-bit method.
     """
     plugin = get_method(method)
     check_input_granularity(method, act_granularity)

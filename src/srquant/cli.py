@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--act-granularity",
         choices=("tensor", "part"),
         default="tensor",
-        help="part: one input grid per concatenated part of a fusion conv (fixed-bit methods; not exportable)",
+        help="part: one input grid per concatenated part of a fusion conv, and per channel where the layout says so "
+        "(fixed-bit methods; not exportable)",
     )
     qz.add_argument(
         "--output-bits",

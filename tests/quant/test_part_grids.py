@@ -14,6 +14,7 @@ from srquant.deploy.onnx_export import conv_params
 from srquant.errors import SrquantError
 from srquant.methods.pipeline import quantize_model
 from srquant.methods.ptq import calibrate
+from srquant.models.layout import PER_CHANNEL
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.quantize import quantize_, quantizers
 from srquant.quant.quantizers import AsymmetricQuantizer, QuantMode
@@ -157,8 +158,10 @@ def test_every_listed_fusion_conv_exists_and_gets_its_parts(name: str) -> None:
         found = [layer for layer in report.layers if re.fullmatch(pattern, layer)]
         assert found, f"{pattern} matches no quantized layer of {name}"
         for layer in found:
-            assert report.input_parts[layer] == parts
-            assert model.get_submodule(layer).input_quantizer.rows == parts
+            conv = model.get_submodule(layer)
+            expected = conv.in_channels if parts == PER_CHANNEL else parts
+            assert report.input_parts[layer] == expected
+            assert conv.input_quantizer.rows == expected
 
 
 def test_integer_export_names_the_part_grid_layer() -> None:
@@ -167,3 +170,22 @@ def test_integer_export_names_the_part_grid_layer() -> None:
     calibrate(model, [torch.rand(2, 3, 12, 12)], "minmax")
     with pytest.raises(SrquantError, match=r"c1\.body\.0: only per-tensor activation grids"):
         conv_params(model)
+
+
+def test_per_channel_parts_give_each_input_channel_its_own_grid() -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 3, 1))
+    layout = REGISTRY["imdn"].layout.__class__(body=("0",), input_parts=(("0", PER_CHANNEL),))
+    report = quantize_(conv, QuantSpec(3, 3, act_granularity="part"), layout)
+    assert report.input_parts["0"] == 4
+    calibrate(conv, [_two_parts()], "minmax")
+    lower, upper = conv[0].input_quantizer.value_range()
+    x = _two_parts()
+    assert torch.allclose(lower, x.amin(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(upper, x.amax(dim=(0, 2, 3)), atol=1e-6)
+
+
+def test_per_channel_parts_refuse_a_linear_layer() -> None:
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    layout = REGISTRY["imdn"].layout.__class__(body=("0",), input_parts=(("0", PER_CHANNEL),))
+    with pytest.raises(SrquantError, match="per-channel input grids need a conv"):
+        quantize_(layer, QuantSpec(3, 3, act_granularity="part"), layout)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PER_CHANNEL = 0
+"""An `input_parts` count meaning one grid per input channel (a part per channel)."""
+
 
 @dataclass(frozen=True)
 class QuantLayout:
@@ -23,6 +26,8 @@ class QuantLayout:
         rounding the values to a second one, so an integer graph passes the uint8 tensor straight on.
     input_parts: (layer pattern, parts) pairs for convs whose input is a concatenation of `parts` equal channel
         parts from different sources (whose ranges differ); with per-part activation grids each part gets its own.
+        `parts` = `PER_CHANNEL` gives every input channel its own grid, for a conv that reads an activation whose
+        channels' ranges differ widely (the transformers' feed-forward reducing convs).
     """
 
     body: tuple[str, ...]

@@ -21,7 +21,7 @@ from torch import nn
 from srquant.assets import asset_dir, download, user_cache_dir, verify_sha256
 from srquant.errors import SrquantError
 from srquant.models import carn, edsr, eswt, imdn, lmlt, pan, rdn, srresnet, swinir, user
-from srquant.models.layout import QuantLayout
+from srquant.models.layout import PER_CHANNEL, QuantLayout
 from srquant.models.user import ARCH_ATTRIBUTE
 
 Reference = Mapping[str, tuple[float, float]]
@@ -266,7 +266,8 @@ REGISTRY: dict[str, ModelEntry] = {
             post_activation=(r"feats\.\d+\.ccm\.ccm\.2",),
             fixed_8bit=(r"to_feat", r"feats\.\d+\.ccm\.ccm\.0", r"to_img\.0"),
             weight_groups=((r"feats\.\d+\.lhsb\.mfr\.\d+\.qkv", 3),),
-            input_parts=((r"feats\.\d+\.lhsb\.aggr", 4),),  # the four pooling levels
+            # the four pooling levels; the CCM 1x1 reads a GELU output whose channels' ranges differ about 3x
+            input_parts=((r"feats\.\d+\.lhsb\.aggr", 4), (r"feats\.\d+\.ccm\.ccm\.2", PER_CHANNEL)),
         ),
         license="MIT",
     ),
@@ -293,7 +294,8 @@ REGISTRY: dict[str, ModelEntry] = {
             post_activation=(r"body\.\d+\.mlp_list\.\d+\.fc2",),
             fixed_8bit=(r"head\.0", r"body\.\d+\.conv\.0", r"tail\.0"),
             weight_groups=((r"body\.\d+\.sa_list\.\d+\.attn\.0", 2),),
-            input_parts=((r"body\.\d+\.sa_list\.\d+\.proj\.0", 2),),  # the two striped-window branches
+            # the two striped-window branches; the MLP's reducing conv reads a SiLU output, one grid per channel
+            input_parts=((r"body\.\d+\.sa_list\.\d+\.proj\.0", 2), (r"body\.\d+\.mlp_list\.\d+\.fc2", PER_CHANNEL)),
         ),
         license="MIT",
     ),
@@ -426,7 +428,7 @@ def build_from_record(record: Mapping[str, Any]) -> nn.Module:
     """Rebuild a network (random weights) from its architecture record: a zoo entry or a user's file."""
     if record.get("kind") == "zoo":
         model = build_model(str(record["name"]), int(record["scale"]), **dict(record.get("kwargs", {})))
-        if "layout" in record:  # quantized with a layout other than the zoo's
+        if "layout" in record:  # the layout it was quantized with (the zoo entry's may have changed since)
             architecture_record(model)["layout"] = record["layout"]
         return model
     if record.get("kind") == "file":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from srquant.errors import SrquantError
+from srquant.models.layout import PER_CHANNEL
 from srquant.quant.modules import convert_module, is_quantized
 from srquant.quant.quantizers import (
     AsymmetricQuantizer,
@@ -75,11 +76,15 @@ def weight_rows(module: nn.Conv2d | nn.Linear, spec: QuantSpec, layout: QuantLay
 
 
 def input_parts(module: nn.Conv2d | nn.Linear, spec: QuantSpec, layout: QuantLayout, name: str) -> int:
-    """How many grids a layer's input gets: one per concatenated part the layout lists (with `act_granularity`
-    'part'), or one."""
+    """How many grids a layer's input gets: one per concatenated part the layout lists, or per input channel
+    where it lists `PER_CHANNEL` (with `act_granularity` 'part'), or one."""
     if spec.act_granularity != "part":
         return 1
     parts = next((p for pattern, p in layout.input_parts if matches(name, (pattern,))), 1)
+    if parts == PER_CHANNEL:
+        if not isinstance(module, nn.Conv2d):
+            raise SrquantError(f"{name}: per-channel input grids need a conv")
+        parts = module.in_channels
     if parts > 1 and (not isinstance(module, nn.Conv2d) or module.in_channels % parts):
         raise SrquantError(f"{name}: input_parts {parts} needs a conv whose input channels it divides")
     return parts

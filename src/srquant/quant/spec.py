@@ -36,8 +36,8 @@ class QuantSpec:
 
     `act_granularity`: `tensor` gives every layer input one grid, as the papers do; `part` gives the input of each
     conv the layout lists in `input_parts` (a concatenation of equal channel parts from different sources) one
-    grid per part, so a part with a narrow range is not rounded on a grid sized for a wide one. The integer export
-    takes per-tensor input grids only.
+    grid per part (per channel where the layout lists `PER_CHANNEL`), so a part with a narrow range is not rounded
+    on a grid sized for a wide one. The integer export takes per-tensor input grids only.
     """
 
     w_bits: int = 4
