@@ -17,6 +17,7 @@ docs/results/calibration_time_cpu.md.
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timezone
 
 from common import RESULTS, fp_scores, header, load_json, update_json
 from ptq_table import SCALE, cell_key, parse_cells, run_cell
@@ -40,6 +41,7 @@ def main() -> None:
     for name, bits, method, gran in [] if args.table_only else parse_cells(args.only):
         cell = run_cell(name, bits, method, gran, args.preset, args.assets, DATASETS)
         cell["fp"] = fp_scores(name, SCALE, DATASETS, args.assets)
+        cell["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         update_json(STORE, cell_key(name, bits, method, gran, args.preset), cell)
         print(f"{name} W{bits}A{bits} {method} {gran}: calib {cell['calib_seconds']:.0f} s", flush=True)
     write_table(load_json(STORE))
@@ -52,11 +54,13 @@ def write_table(done: dict) -> None:
         "",
         "Seconds: the calibration as the checkpoint records it; wall: quantize call including start-up and "
         "calibration-image loading. PSNR from the same run, drop = PSNR - FP. Each cell's machine line records its "
-        "thread count.",
+        "thread count, its date when it was run. The same machine's speed drifts from day to day (the same "
+        "reference calibration took 40 to 82 s on different days; docs/quantization.md), so compare rows of one "
+        "date.",
         "",
         "| network | bits | method | granularity | calib s | wall s | <= 10 min | Set5 (drop) | Set14 (drop) "
-        "| machine |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(done):
         name, bits, method, gran, _ = key.split("|")
@@ -68,7 +72,7 @@ def write_table(done: dict) -> None:
         within = "yes" if cell["calib_seconds"] <= BUDGET_SECONDS else "no"
         lines.append(
             f"| {name} | {bits} | {method} | {gran} | {cell['calib_seconds']:.0f} | {cell['wall_seconds']:.0f} "
-            f"| {within} | {' | '.join(scores)} | {cell['machine']} |"
+            f"| {within} | {' | '.join(scores)} | {cell['machine']} | {cell.get('date', '-')} |"
         )
     text = "\n".join(lines) + "\n"
     (RESULTS / "calibration_time_cpu.md").write_text(text)

@@ -85,8 +85,10 @@ def test_quantize_gives_only_listed_fusion_convs_part_grids() -> None:
     model = build_model("carn-m", 4, tiny=True).eval()
     quantize_(model, QuantSpec(3, 3, act_granularity="part"), REGISTRY["carn-m"].layout)
     rows = {name: q.rows for name, q in quantizers(model) if name.endswith("input_quantizer")}
-    assert rows["c3.body.0.input_quantizer"] == 4 and rows["b2.c1.body.0.input_quantizer"] == 2
-    assert rows["c2.body.0.input_quantizer"] == 3 and rows["b1.b1.body.0.input_quantizer"] == 1
+    assert rows["b2.c3.body.0.input_quantizer"] == 4 and rows["b2.c1.body.0.input_quantizer"] == 2
+    assert rows["b1.c2.body.0.input_quantizer"] == 3 and rows["b1.b1.body.0.input_quantizer"] == 1
+    for outer in ("c1", "c2", "c3"):  # the outer cascade's fusion convs: one grid per input channel
+        assert rows[f"{outer}.body.0.input_quantizer"] == model.get_submodule(f"{outer}.body.0").in_channels
     plain = build_model("carn-m", 4, tiny=True).eval()
     quantize_(plain, QuantSpec(3, 3), REGISTRY["carn-m"].layout)
     assert all(q.rows == 1 for name, q in quantizers(plain) if name.endswith("input_quantizer"))
@@ -123,8 +125,9 @@ def test_every_fixed_bit_method_runs_with_part_grids(noise_images: Callable[...,
     }[method]
     spec = QuantSpec(3, 3, act_granularity="part")
     result = quantize_model(model, REGISTRY["carn-m"].layout, method, spec, folder, "cpu", **small)
-    assert result.report.input_parts["c3.body.0"] == 4
-    q = model.get_submodule("c3.body.0").input_quantizer
+    assert result.report.input_parts["b1.c3.body.0"] == 4
+    assert result.report.input_parts["c3.body.0"] == model.get_submodule("c3.body.0").in_channels
+    q = model.get_submodule("b1.c3.body.0").input_quantizer
     low, high = q.value_range()
     assert q.mode is QuantMode.QUANT
     # The first part (the entry conv's features, not after a ReLU) goes negative; the units' outputs (after a
