@@ -54,7 +54,7 @@ def write_table(done: dict) -> None:
         "",
         "Seconds: the calibration as the checkpoint records it; wall: quantize call including start-up and "
         "calibration-image loading. PSNR from the same run, drop = PSNR - FP. Each cell's machine line records its "
-        "thread count, its date when it was run. The same machine's speed drifts from day to day (the same "
+        "thread count and the last column the day it ran. The same machine's speed drifts from day to day (the same "
         "reference calibration took 40 to 82 s on different days; docs/quantization.md), so compare rows of one "
         "date.",
         "",

@@ -18,7 +18,7 @@ import torch
 from common import RESULTS, fp_scores, header
 
 from srquant import api, evaluate
-from srquant.quant.quantize import quantizers
+from srquant.quant.quantize import mode_scope, quantizers
 from srquant.quant.quantizers import QuantMode
 
 SCALE = 4
@@ -37,16 +37,8 @@ def set5(model: torch.nn.Module, assets: str | None) -> float:
 
 def scored_with_float(model: torch.nn.Module, assets: str | None, chosen: Callable[[str], bool]) -> float:
     """Set5 PSNR with the chosen quantizers switched to float, then every mode restored."""
-    named = list(quantizers(model))
-    saved = [(q, q.mode) for _, q in named]
-    try:
-        for name, q in named:
-            if chosen(name):
-                q.mode = QuantMode.FP
+    with mode_scope(model, QuantMode.FP, chosen):
         return set5(model, assets)
-    finally:
-        for q, mode in saved:
-            q.mode = mode
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from srquant.api import calibration_folder
 from srquant.assets import asset_dir
 from srquant.data.calibration import CropSampler
 from srquant.methods.pipeline import load_checkpoint
-from srquant.quant.quantize import quantizers
+from srquant.quant.quantize import mode_scope, quantizers
 from srquant.quant.quantizers import QuantMode
 
 HELD_OUT_SEED = 9173  # no method draws calibration crops with this seed (they use 0-4 and their own seeds)
@@ -53,21 +53,6 @@ def crops_psnr(model: torch.nn.Module, crops: tuple[torch.Tensor, torch.Tensor])
         float(torch.sum((model(x).clamp(0, 1) - y) ** 2)) for x, y in zip(lr.split(8), hr.split(8), strict=True)
     )
     return 10 * float(np.log10(hr.numel() / squared))
-
-
-def crops_psnr_with_float(
-    model: torch.nn.Module, crops: tuple[torch.Tensor, torch.Tensor], group: str, by_block: bool
-) -> float:
-    """Held-out crop PSNR with one group of input quantizers switched to float, every mode restored after."""
-    named = [(n, q) for n, q in quantizers(model) if group_name(n, by_block) == group]
-    saved = [(q, q.mode) for _, q in named]
-    try:
-        for _, q in named:
-            q.mode = QuantMode.FP
-        return crops_psnr(model, crops)
-    finally:
-        for q, mode in saved:
-            q.mode = mode
 
 
 def group_name(name: str, by_block: bool) -> str:
@@ -106,10 +91,15 @@ def main() -> None:
         columns += " held-out crops, this group float | gain |"
     lines += ["", columns, "|---" * columns.count(" | ") + "|---|"]
     for group, count in sorted(groups.items()):
-        score = scored_with_float(model, args.assets, lambda n, g=group: group_name(n, args.by_block) == g)
+
+        def in_group(name: str, group: str = group) -> bool:
+            return group_name(name, args.by_block) == group
+
+        score = scored_with_float(model, args.assets, in_group)
         row = f"| {group} | {count} | {score:.3f} | {score - saved:+.3f} |"
         if crops is not None:
-            other = crops_psnr_with_float(model, crops, group, args.by_block)
+            with mode_scope(model, QuantMode.FP, in_group):
+                other = crops_psnr(model, crops)
             row += f" {other:.3f} | {other - held:+.3f} |"
         lines.append(row)
         print(lines[-1], flush=True)

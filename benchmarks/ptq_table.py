@@ -219,8 +219,7 @@ def write_parts_table(done: dict, preset: str) -> None:
         "their calibration seconds are upper bounds. CARN-M's per-part cells were all run again alone with two "
         "threads after its outer fusion convs got per-channel grids (2026-12-01 afternoon and 12-02, when the "
         "same reference calibration ran 2.0x and 1.3x slower than on 12-01 morning; docs/quantization.md). "
-        "The cells scored on all four sets "
-        "ran alone (the last section).\n"
+        "The cells scored on all four sets ran alone (the last section).\n"
     )
     lines.append(
         "| network | bits | method | Set5 one grid | Set5 per part | gain | Set14 one grid | Set14 per part | gain "

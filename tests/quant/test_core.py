@@ -11,7 +11,7 @@ from srquant.methods.ptq import calibrate
 from srquant.models.registry import REGISTRY, build_model
 from srquant.quant.calibrators import DobiCalibrator
 from srquant.quant.modules import is_quantized
-from srquant.quant.quantize import fp_mode, quantize_, quantizers, set_mode
+from srquant.quant.quantize import fp_mode, mode_scope, quantize_, quantizers, set_mode
 from srquant.quant.quantizers import AsymmetricQuantizer, LSQQuantizer, QuantMode, SymmetricQuantizer
 from srquant.quant.spec import QuantSpec
 
@@ -37,6 +37,18 @@ def test_disabled_quantization_equals_float_bit_for_bit(name: str) -> None:
         assert torch.equal(model(x), reference(x))
     # Parameter names of the float model are all still there, unchanged.
     assert set(reference.state_dict()) <= set(model.state_dict())
+
+
+def test_mode_scope_switches_only_the_chosen_quantizers_and_restores_every_mode() -> None:
+    model = _quantized("imdn", QuantSpec(4, 4))
+    calibrate(model, [torch.rand(1, 3, 12, 12)], "minmax")
+    before = {name: q.mode for name, q in quantizers(model)}
+    chosen = [name for name in before if name.endswith("c5.input_quantizer")]
+    assert chosen and all(mode is QuantMode.QUANT for mode in before.values())
+    with mode_scope(model, QuantMode.FP, lambda name: name in chosen):
+        inside = {name: q.mode for name, q in quantizers(model)}
+        assert {name for name, mode in inside.items() if mode is QuantMode.FP} == set(chosen)
+    assert {name: q.mode for name, q in quantizers(model)} == before
 
 
 @pytest.mark.parametrize("name", ["imdn", "swinir-light", "eswt"])

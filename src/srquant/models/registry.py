@@ -238,7 +238,8 @@ REGISTRY: dict[str, ModelEntry] = {
             ),
             # The cascades' 1x1 fusion convs read the entry features and one, two or three units' outputs. The
             # outer ones (`c1`-`c3`, 128-256 channels of the entry features and three blocks' outputs) get one grid
-            # per channel: floating their inputs was worth +2.17 dB on a W2A2 per-part checkpoint (Set5 ablation).
+            # per channel: floating their inputs was worth +2.17 dB on Set5 and +0.95 dB on held-out training crops
+            # on a W2A2 per-part checkpoint (benchmarks/input_ablation.py).
             input_parts=(
                 (r"c[123]\.body\.0", PER_CHANNEL),
                 (r"b\d\.c1\.body\.0", 2),

@@ -6,7 +6,7 @@ The FP teacher used by distillation is the same network with quantization switch
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
@@ -191,10 +191,13 @@ def set_mode(model: nn.Module, mode: QuantMode) -> None:
 
 
 @contextmanager
-def mode_scope(model: nn.Module, mode: QuantMode) -> Iterator[nn.Module]:
-    """Temporarily switch every quantizer to `mode`, restoring each quantizer's own mode afterwards."""
+def mode_scope(model: nn.Module, mode: QuantMode, chosen: Callable[[str], bool] | None = None) -> Iterator[nn.Module]:
+    """Temporarily switch every quantizer (or those whose name `chosen` accepts) to `mode`, restoring each
+    quantizer's own mode afterwards."""
     saved = [(q, q.mode) for _, q in quantizers(model)]
-    set_mode(model, mode)
+    for name, quantizer in quantizers(model):
+        if chosen is None or chosen(name):
+            quantizer.mode = mode
     try:
         yield model
     finally:
