@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import RESULTS, header
+from common import RESULTS, header, run_main
 
 from srquant import api
 from srquant.methods.adabm import image_complexity
@@ -171,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,7 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, fp_scores, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, run_main, update_json
 
 from srquant import api
 from srquant.quant.accounting import model_cost
@@ -263,4 +263,4 @@ def write_table(done: dict, preset: str, datasets: list[str], out: Path, produce
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

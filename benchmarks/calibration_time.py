@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from datetime import datetime, timezone
 
-from common import RESULTS, fp_scores, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, run_main, update_json
 from ptq_table import SCALE, cell_key, parse_cells, run_cell
 
 DEFAULT_CELLS = ",".join(
@@ -80,4 +80,4 @@ def write_table(done: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,11 +6,13 @@ import fcntl
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from srquant.errors import SrquantError
 from srquant.runtime import cpu_name, tune_allocator
 
 tune_allocator()  # benchmarks measure the same process settings the CLI uses
@@ -31,10 +33,20 @@ def command() -> str:
     return "python " + " ".join([str(shown)] + sys.argv[1:])
 
 
-def header(title: str, produced_by: str | None = None) -> str:
-    """Markdown header recording what, where, when and how a results table was produced."""
+def header(title: str, produced_by: str | None = None, machine_line: str | None = None) -> str:
+    """Markdown header recording what, where, when and how a results table was produced; `machine_line` replaces
+    this process's machine line for tables assembled from cells that each recorded their own."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"# {title}\n\n- command: `{produced_by or command()}`\n- machine: {machine()}\n- date: {stamp}\n"
+    where = machine_line or machine()
+    return f"# {title}\n\n- command: `{produced_by or command()}`\n- machine: {where}\n- date: {stamp}\n"
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's `main`, ending a library error (missing asset, bad checkpoint) in one line, as the CLI does."""
+    try:
+        main()
+    except SrquantError as err:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {err}") from None
 
 
 def load_json(path: Path) -> dict:

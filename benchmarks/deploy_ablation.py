@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from common import RESULTS, fp_scores, header
+from common import RESULTS, fp_scores, header, run_main
 
 from srquant import api, evaluate
 from srquant.quant.quantize import mode_scope, quantizers
@@ -81,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

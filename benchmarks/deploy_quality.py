@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import RESULTS, fp_scores, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, run_main, update_json
 from ptq_table import SCHEDULE_FIELDS
 
 from srquant import api, evaluate
@@ -125,4 +125,4 @@ def write_table(done: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

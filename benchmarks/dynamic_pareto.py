@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import RESULTS, fp_scores, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, run_main, update_json
 
 from srquant import api, evaluate
 
@@ -283,4 +283,4 @@ def _plot(done: dict, name: str, datasets: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

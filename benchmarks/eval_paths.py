@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import RESULTS, header, save_json
+from common import RESULTS, header, run_main, save_json
 
 import srquant
 from srquant.deploy.ort_runtime import OrtUpscaler
@@ -115,4 +115,4 @@ def write_table(rows: list[dict], network: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, header, load_json, update_json
+from common import RESULTS, header, load_json, run_main, update_json
 from speed_table import quantize_w7a8
 
 from srquant import api
@@ -302,4 +302,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, header, load_json, update_json
+from common import RESULTS, header, load_json, run_main, update_json
 from torch import nn
 
 from srquant import api
@@ -144,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

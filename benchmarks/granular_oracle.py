@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, command, header, load_json, save_json
+from common import RESULTS, command, header, load_json, run_main, save_json
 
 from srquant import api, evaluate
 from srquant.data.benchmark import BenchmarkSet
@@ -224,4 +224,4 @@ def write_table(name: str, record: dict[str, dict], produced_by: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, fp_scores, header, load_json, update_json
+from common import RESULTS, fp_scores, header, load_json, run_main, update_json
 from torch import nn
 
 from srquant import evaluate, load_model
@@ -422,4 +422,4 @@ def write_table(
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,7 +12,7 @@ import argparse
 import re
 
 import torch
-from common import RESULTS, header, machine, save_json
+from common import RESULTS, header, machine, run_main, save_json
 
 import srquant
 from srquant.models.infer_layout import infer_layout
@@ -92,4 +92,4 @@ def write_table(rows: list[dict], method: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

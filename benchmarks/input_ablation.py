@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from common import RESULTS, header
+from common import RESULTS, header, run_main
 from deploy_ablation import scored_with_float, set5
 
 from srquant.api import calibration_folder
@@ -107,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

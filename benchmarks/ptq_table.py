@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, fp_scores, header, load_json, machine, update_json
+from common import RESULTS, fp_scores, header, load_json, machine, run_main, update_json
 
 from srquant import api, evaluate, load_quantized
 from srquant.methods.registry import get_method
@@ -62,6 +62,9 @@ STORE = RESULTS / "ptq.json"
 # The config fields that set how long a method trains: a stored cell whose values differ from its preset's was run
 # with an earlier schedule; it is marked in the tables and run again by a command that names it.
 SCHEDULE_FIELDS = ("iterations", "calib_count", "batch_size", "dqc_iterations", "e2e_iterations")
+
+
+CELL_MACHINES = "each cell's own (CPU, cores, torch, threads), in `machine` of docs/results/ptq.json"
 
 
 def cell_key(name: str, bits: int, method: str, granularity: str, preset: str) -> str:
@@ -205,7 +208,13 @@ def main() -> None:
 def write_parts_table(done: dict, preset: str) -> None:
     """docs/results/ptq_parts.md: one input grid per concatenated part against one per input, cell by cell."""
     command = f"python benchmarks/ptq_table.py --assets ../shared/assets --plan parts --preset {preset}"
-    lines = [header(f"Per-part input grids for the fusion convs, x4, BasicSR convention, preset `{preset}`", command)]
+    lines = [
+        header(
+            f"Per-part input grids for the fusion convs, x4, BasicSR convention, preset `{preset}`",
+            command,
+            CELL_MACHINES,
+        )
+    ]
     lines.append(
         "\nPer-channel weights in both columns. One grid: every layer input on one grid (the papers' choice, as in "
         "docs/results/ptq_cpu.md). Per part: each conv whose input concatenates several sources (the layouts' "
@@ -316,7 +325,7 @@ def ordering_report(done: dict, preset: str) -> list[str]:
 def write_methods_table(done: dict, preset: str) -> None:
     """docs/results/ptq_cpu.md: every fixed-bit method at W4A4, W3A3 and W2A2 with per-channel weights."""
     command = f"python benchmarks/ptq_table.py --assets ../shared/assets --plan methods --preset {preset}"
-    lines = [header(f"Fixed-bit PTQ methods, x4, BasicSR convention, preset `{preset}`", command), ""]
+    lines = [header(f"Fixed-bit PTQ methods, x4, BasicSR convention, preset `{preset}`", command, CELL_MACHINES), ""]
     lines.append(
         "Per-channel weights for every method. Drop = PSNR - FP PSNR. Calibration seconds include loading the "
         "calibration images; each cell's torch threads and machine are in docs/results/ptq.json (`machine`), and "
@@ -353,7 +362,12 @@ def write_methods_table(done: dict, preset: str) -> None:
 def write_granularity_table(done: dict, preset: str) -> None:
     """docs/results/ptq_granularity.md: per tensor against per channel, cell by cell, and what per channel gains."""
     command = f"python benchmarks/ptq_table.py --assets ../shared/assets --plan granularity --preset {preset}"
-    lines = [header(f"Weight granularity: per tensor against per output channel, x4, preset `{preset}`", command), ""]
+    lines = [
+        header(
+            f"Weight granularity: per tensor against per output channel, x4, preset `{preset}`", command, CELL_MACHINES
+        ),
+        "",
+    ]
     lines.append(
         "PSNR/SSIM on the Y channel (BasicSR convention, whole images) with the drop from FP in brackets. "
         "Per tensor = one weight grid per layer (per slice for the fused q/k/v weights, as 2DQuant does); per "
@@ -419,4 +433,4 @@ def write_granularity_table(done: dict, preset: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, header, load_json, update_json
+from common import RESULTS, header, load_json, run_main, update_json
 
 from srquant import api
 from srquant.deploy.onnx_export import export_onnx
@@ -332,4 +332,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, header
+from common import RESULTS, header, run_main
 from PIL import Image
 
 PARENT = (
@@ -77,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

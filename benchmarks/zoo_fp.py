@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import RESULTS, header, load_json, save_json
+from common import RESULTS, header, load_json, run_main, save_json
 
 from srquant import evaluate, load_model
 from srquant.data.benchmark import BenchmarkSet
@@ -97,4 +97,4 @@ def write_table(done: dict, names: list[str], datasets: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
